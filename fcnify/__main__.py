@@ -1,0 +1,3 @@
+from fcnify.cli import app
+
+app(prog_name="fcnify")

@@ -1,0 +1,251 @@
+"""The ``fcnify`` command line: options, Rich tables and progress, exit codes.
+
+Core modules raise ``FcnifyError``; this module turns each into one red line on stderr (what went wrong,
+and the hint) and the error's exit code — never a traceback. Exit codes: 0 ok, 1 bad input or usage,
+2 command-line syntax (Typer), 3 not equivalent, 4 model cannot be converted or exported.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fcnify.errors import FcnifyError, NotEquivalentError
+
+app = typer.Typer(
+    name="fcnify", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="Rewrite image classifiers into fully-convolutional networks and see where they find each class.",
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(exc: FcnifyError) -> typer.Exit:
+    message = f"[bold red]error:[/] {exc.message}"
+    if exc.hint:
+        message += f" [dim](hint: {exc.hint})[/]"
+    err_console.print(message, highlight=False, soft_wrap=True)
+    return typer.Exit(exc.exit_code)
+
+
+def _reports_errors(fn: Callable) -> Callable:
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FcnifyError as exc:
+            raise _fail(exc) from None
+        except KeyboardInterrupt:
+            err_console.print("[bold red]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+ModelArg = Annotated[str | None, typer.Argument(
+    help="digits, torchvision:NAME, timm:NAME, a state_dict/.safetensors (with --arch), a .pt2 or .onnx.")]
+WeightsOpt = Annotated[str, typer.Option("--weights", help="default (pretrained), none (random), or a weights file.")]
+ArchOpt = Annotated[str | None, typer.Option(
+    "--arch", help="Architecture for a state_dict: torchvision:NAME, timm:NAME or package.module:factory.")]
+SizeOpt = Annotated[str | None, typer.Option("--input-size", help="Training size: 224 or HxW (e.g. 224x192).")]
+TrustOpt = Annotated[bool, typer.Option(
+    "--trust-model", help="Allow pickled modules, TorchScript and unchecked .pt2: they can run code.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
+
+
+def _load(model: str | None, weights: str, arch: str | None, input_size: str | None, trust: bool):
+    from fcnify.models import load_model
+
+    return load_model(model or "digits", weights=weights, arch=arch, input_size=input_size, trust_model=trust)
+
+
+def _convert(loaded):
+    from fcnify.convert import convert
+    from fcnify.models import require_input_size
+
+    return convert(loaded.module, require_input_size(loaded), in_chans=loaded.in_chans)
+
+
+def _metadata(loaded, fcn):
+    from fcnify.export import ModelMetadata
+
+    return ModelMetadata(tuple(fcn.input_size), fcn.in_chans, tuple(loaded.mean), tuple(loaded.std),
+                         tuple(loaded.labels), fcn.geometry, loaded.source)
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.2e}"
+
+
+def _geometry_table(geometry) -> Table:
+    table = Table(title="Geometry (y, x in input pixels)", show_header=False)
+    g = geometry.to_dict() if hasattr(geometry, "to_dict") else geometry
+    for key in ("stride", "offset", "window", "receptive_field", "rf_centre"):
+        table.add_row(key.replace("_", " "), " × ".join(str(v) for v in g[key]))
+    table.add_row("dense = crops", "exact" if g["exact"] else "approximate")
+    return table
+
+
+def _report_tables(report) -> list[Table]:
+    table = Table(title="Training-size equivalence")
+    for column in ("dtype", "device", "max abs error", "max rel error", "top-1 agreement", "tolerance", "result"):
+        table.add_column(column)
+    for agreement in [report.strict] + report.others:
+        gate = "gate" if agreement is report.strict else "info"
+        table.add_row(agreement.dtype, agreement.device, _fmt(agreement.max_abs_error),
+                      _fmt(agreement.max_rel_error), f"{agreement.top1_agreement:.0%}", _fmt(agreement.tolerance),
+                      ("[green]pass[/]" if agreement.passed else "[red]FAIL[/]") + f" ({gate})")
+    tables = [table]
+    if report.dense is not None:
+        d = report.dense
+        dense = Table(title=f"Dense map vs original on crops ({d.input_size[0]}×{d.input_size[1]} input)")
+        for column in ("map", "cells", "max abs dev", "max rel dev", "top-1 agreement", "label", "cause"):
+            dense.add_column(column)
+        dense.add_row(f"{d.map_size[0]}×{d.map_size[1]}", str(d.cells_checked), _fmt(d.max_abs_error),
+                      _fmt(d.max_rel_error), f"{d.top1_agreement:.0%}",
+                      ("[green]exact[/]" if d.exact else "[yellow]approximate[/]") if d.passed else "[red]FAIL[/]",
+                      "; ".join(d.causes) or "-")
+        tables.append(dense)
+    return tables
+
+
+@app.command()
+@_reports_errors
+def convert(
+    model: ModelArg = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Output .pt2 (default <name>.fcn.pt2).")] = None,
+    onnx: Annotated[Path | None, typer.Option("--onnx", help="Also write an ONNX model with dynamic H×W.")] = None,
+    input_size: SizeOpt = None,
+    weights: WeightsOpt = "default",
+    arch: ArchOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
+    trust_model: TrustOpt = False,
+    as_json: JsonOpt = False,
+):
+    """Rewrite MODEL into a fully-convolutional network, verify it, and save it as a standalone .pt2."""
+    from fcnify.export import save_pt2
+    from fcnify.verify import verify
+
+    loaded = _load(model, weights, arch, input_size, trust_model)
+    if loaded.converted:
+        raise FcnifyError(f"{model} is already converted", hint="use 'fcnify export' or 'fcnify heatmap' with it")
+    output = output or Path(f"{loaded.name}.fcn.pt2")
+    for path in (output, onnx):
+        if path is not None and path.exists() and not force:
+            raise FcnifyError(f"{path} already exists", hint="pass --force to overwrite it, or choose another path")
+    fcn = _convert(loaded)
+    report = verify(loaded.module, fcn, dense_cells=0)
+    if not report.passed:
+        raise NotEquivalentError(
+            f"the converted network differs from the original by {report.strict.max_rel_error:.2e} (relative) "
+            f"at {fcn.input_size[0]}x{fcn.input_size[1]}; nothing was written",
+            hint="please report this model: fcnify refuses to save a network that is not equivalent")
+    metadata = _metadata(loaded, fcn)
+    save_pt2(fcn, metadata, output, force=force)
+    result = {"output": str(output), "source": loaded.source, "input_size": list(fcn.input_size),
+              "geometry": fcn.geometry.to_dict(), "verification": report.to_dict(),
+              "rewrites": [vars(r) for r in fcn.rewrites]}
+    if onnx is not None:
+        from fcnify.onnx_export import export_onnx
+
+        onnx_report = export_onnx(fcn, metadata, onnx, force=force)
+        result["onnx"] = {"output": str(onnx), **onnx_report.to_dict()}
+    if as_json:
+        print(json.dumps(result, indent=2, default=str))
+        return
+    table = Table(title=f"Rewritten layers of {loaded.source}")
+    for column in ("node", "was", "now", "in shape", "out shape"):
+        table.add_column(column)
+    for r in fcn.rewrites:
+        table.add_row(r.node, r.old, r.new, str(r.in_shape or ""), str(r.out_shape or ""))
+    console.print(table)
+    console.print(_geometry_table(fcn.geometry))
+    for t in _report_tables(report):
+        console.print(t)
+    if onnx is not None:
+        console.print(f"[green]wrote[/] {onnx} (checked with onnxruntime at "
+                      f"{', '.join(s['size'] for s in result['onnx']['sizes'])})")
+    console.print(f"[green]wrote[/] {output}  (torch.export.load('{output}').module() runs any H×W ≥ "
+                  f"{fcn.input_size[0]}×{fcn.input_size[1]})")
+
+
+@app.command()
+@_reports_errors
+def verify(
+    model: ModelArg = None,
+    input_size: SizeOpt = None,
+    weights: WeightsOpt = "default",
+    arch: ArchOpt = None,
+    against: Annotated[str | None, typer.Option(
+        "--against", help="For a converted .pt2/.onnx: the original model spec to check it against.")] = None,
+    samples: Annotated[int, typer.Option("--samples", min=1, help="Random inputs at the training size.")] = 4,
+    cells: Annotated[int, typer.Option("--cells", min=0, help="Dense cells to compare with crops (0: skip).")] = 8,
+    device: Annotated[str | None, typer.Option("--device", help="Also report figures on this device.")] = None,
+    trust_model: TrustOpt = False,
+    as_json: JsonOpt = False,
+):
+    """Prove a conversion: same logits at the training size (float64 gate), dense map vs crops, geometry.
+
+    With no MODEL, verifies the embedded digits model. Exit 0 when within tolerance, 3 when not.
+    """
+    from fcnify.verify import verify as run_verify
+
+    loaded = _load(model, weights, arch, input_size, trust_model)
+    if loaded.converted:
+        if against is None:
+            raise FcnifyError(f"{model} is already converted: there is no original to compare with",
+                              hint="pass --against MODEL with the spec it was converted from")
+        original = _load(against, weights, arch, input_size or "x".join(map(str, loaded.input_size)), trust_model)
+        from fcnify.verify import check_training_size
+
+        strict, others = check_training_size(original.module, loaded.module, tuple(loaded.input_size),
+                                             loaded.in_chans, samples)
+        if model.endswith(".onnx"):
+            from fcnify.onnx_export import verify_onnx
+
+            fcn = _convert(original)
+            result = {"onnx": [vars(a) if hasattr(a, "__dict__") else a for a in verify_onnx(model, fcn, None)]}
+        else:
+            result = {}
+        report_passed = strict.passed
+        data = {"passed": report_passed, "strict": vars(strict), "others": [vars(o) for o in others], **result}
+        if as_json:
+            print(json.dumps(data, indent=2, default=str))
+        else:
+            from fcnify.verify import EquivalenceReport
+
+            for t in _report_tables(EquivalenceReport(strict, others, None, loaded.geometry.to_dict())):
+                console.print(t)
+            console.print(_geometry_table(loaded.geometry))
+        if not report_passed:
+            raise typer.Exit(NotEquivalentError.exit_code)
+        return
+    fcn = _convert(loaded)
+    report = run_verify(loaded.module, fcn, samples=samples, device=device, dense_cells=cells)
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        for t in _report_tables(report):
+            console.print(t)
+        console.print(_geometry_table(fcn.geometry))
+        console.print("[green]equivalent[/]" if report.passed else "[red]NOT equivalent[/]")
+    if not report.passed:
+        raise typer.Exit(NotEquivalentError.exit_code)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    logging.basicConfig(level=logging.WARNING)
+    app(prog_name="fcnify")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

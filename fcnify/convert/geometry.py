@@ -1,0 +1,222 @@
+"""Where each output cell looks in the input: stride, offset, window and receptive field, computed from the graph.
+
+Receptive-field arithmetic (Araujo et al., Distill 2019) per op: a k×k op with stride s, padding p and
+dilation d on a map with jump j, first-cell centre c and receptive field r gives
+``r' = r + (d(k-1))·j``, ``c' = c + (d(k-1)/2 - p)·j``, ``j' = j·s``. Element-wise ops and merges keep the
+geometry of their spatial inputs. Every node whose spatial size changes without a known rule makes the
+geometry approximate, and the reason is kept.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch.fx
+from torch import nn
+
+from fcnify.convert.ops import node_arg, op_name, pair
+from fcnify.convert.trace import shape_of
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How the cells of a dense score map relate to the input image (all (y, x) in input pixels).
+
+    Cell (i, j) covers the window of size ``window`` whose top-left corner is ``offset + (i, j) * stride``.
+
+    Attributes:
+        stride: input pixels between neighbouring cells.
+        offset: top-left corner of cell (0, 0)'s window.
+        window: the training input size: each cell is the classifier applied to one such window.
+        receptive_field: input pixels that can influence one cell (padding included).
+        rf_centre: centre of cell (0, 0)'s receptive field, relative to the window's top-left corner. Padded
+            networks are not centred on their window (ResNets at 224 px: 96.5, not 112).
+        padded: some op pads its input, so cells near the border (and, in general, all cells) see zeros
+            where the crop would see image: dense cells approximate crop-by-crop results.
+        global_context: the body pools over the whole map (squeeze-excitation): at sizes above the training
+            size each cell sees image-wide context, unlike a crop.
+        size_dependent_padding: "same" padding computed from the input size (TensorFlow-style models): the
+            grid alignment depends on the input size.
+        notes: reasons the geometry is approximate.
+    """
+
+    stride: tuple[int, int]
+    offset: tuple[int, int]
+    window: tuple[int, int]
+    receptive_field: tuple[int, int]
+    rf_centre: tuple[float, float] = (0.0, 0.0)
+    padded: bool = False
+    global_context: bool = False
+    size_dependent_padding: bool = False
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def exact(self) -> bool:
+        """Whether every dense cell equals the original classifier on its window (up to rounding)."""
+        return not (self.padded or self.global_context or self.size_dependent_padding or self.notes)
+
+    def window_origin(self, i: int, j: int) -> tuple[int, int]:
+        return (self.offset[0] + i * self.stride[0], self.offset[1] + j * self.stride[1])
+
+    def window_centre(self, i: int, j: int) -> tuple[float, float]:
+        y, x = self.window_origin(i, j)
+        return (y + self.window[0] / 2, x + self.window[1] / 2)
+
+    def to_dict(self) -> dict:
+        return {
+            "stride": list(self.stride), "offset": list(self.offset), "window": list(self.window),
+            "receptive_field": list(self.receptive_field), "rf_centre": list(self.rf_centre), "padded": self.padded,
+            "global_context": self.global_context, "size_dependent_padding": self.size_dependent_padding,
+            "exact": self.exact, "notes": list(self.notes),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Geometry:
+        return cls(
+            stride=tuple(data["stride"]), offset=tuple(data["offset"]), window=tuple(data["window"]),
+            receptive_field=tuple(data["receptive_field"]), rf_centre=tuple(data.get("rf_centre", (0.0, 0.0))),
+            padded=bool(data.get("padded", False)),
+            global_context=bool(data.get("global_context", False)),
+            size_dependent_padding=bool(data.get("size_dependent_padding", False)),
+            notes=tuple(data.get("notes", ())),
+        )
+
+
+@dataclass
+class _Cell:
+    jump: tuple[float, float]
+    centre: tuple[float, float]
+    rf: tuple[float, float]
+
+
+@dataclass
+class _Flags:
+    padded: bool = False
+    global_context: bool = False
+    size_dependent_padding: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def _window_params(node: torch.fx.Node, name: str, module: nn.Module | None, in_hw, flags: _Flags):
+    """(kernel, stride, padding (top, left), dilation) of a conv or pool node, or None when unknown."""
+    if module is not None:
+        k, s = pair(module.kernel_size), pair(module.stride if module.stride is not None else module.kernel_size)
+        d = pair(getattr(module, "dilation", 1))
+        p = getattr(module, "padding", 0)
+        if type(module).__name__.endswith("Same"):  # timm Conv2dSame / MaxPool2dSame pad from the input size
+            flags.size_dependent_padding = True
+            p = tuple(
+                max((math.ceil(i / st) - 1) * st + (kk - 1) * dd + 1 - i, 0) // 2
+                for i, kk, st, dd in zip(in_hw, k, s, d)
+            )
+    else:
+        args = [node_arg(node, i, n) for i, n in ((1, "kernel_size"), (2, "stride"), (3, "padding"))]
+        if name == "conv2d":
+            weight = node_arg(node, 1, "weight")
+            wshape = shape_of(weight) if isinstance(weight, torch.fx.Node) else None
+            if wshape is None:
+                return None
+            k = (wshape[2], wshape[3])
+            s, p, d = (pair(node_arg(node, i, n, 1 if n != "padding" else 0))
+                       for i, n in ((3, "stride"), (4, "padding"), (5, "dilation")))
+        else:
+            if any(isinstance(a, torch.fx.Node) for a in args):
+                return None
+            k = pair(args[0])
+            s = pair(args[1] if args[1] not in (None, []) else args[0])
+            p = pair(args[2] or 0)
+            d = pair(node_arg(node, 4, "dilation", 1)) if name == "max_pool2d" else (1, 1)
+    if isinstance(p, str):
+        p = tuple((dd * (kk - 1)) // 2 for kk, dd in zip(k, d)) if p == "same" else (0, 0)
+    p = pair(p)
+    if any(p):
+        flags.padded = True
+    return k, s, p, d
+
+
+_WINDOW_OPS = {"conv2d", "max_pool2d", "avg_pool2d"}
+
+
+def _hw(shape, dims):
+    if shape is None or dims is None or len(shape) <= max(dims):
+        return None
+    return (shape[dims[0]], shape[dims[1]])
+
+
+def compute_geometry(gm: torch.fx.GraphModule, input_size: tuple[int, int], global_context: bool) -> Geometry:
+    """Geometry of a converted, shape-propagated GraphModule whose output is an N×K×h×w map."""
+    from fcnify.convert.analysis import Kind, analyse
+
+    info = analyse(gm).info
+    modules = dict(gm.named_modules())
+    flags = _Flags(global_context=global_context)
+    cells: dict[torch.fx.Node, _Cell] = {}
+    output_cell = None
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            cells[node] = _Cell((1.0, 1.0), (0.5, 0.5), (1.0, 1.0))
+            continue
+        if node.op == "output":
+            out = node.args[0]
+            output_cell = cells.get(out) if isinstance(out, torch.fx.Node) else None
+            continue
+        inputs = [cells[n] for n in node.all_input_nodes if n in cells]
+        if not inputs or info[node].kind is not Kind.SPATIAL:
+            continue
+        src_node = next(n for n in node.all_input_nodes if n in cells)
+        in_hw, out_hw = _hw(shape_of(src_node), info[src_node].spatial_dims), _hw(shape_of(node), info[node].spatial_dims)
+        name = op_name(node, modules)
+        module = modules.get(node.target) if node.op == "call_module" else None
+        if name in _WINDOW_OPS or (module is not None and isinstance(module, (nn.Conv2d, nn.MaxPool2d,
+                                                                               nn.AvgPool2d))):
+            params = _window_params(node, name, module, in_hw or (0, 0), flags)
+            if params is not None:
+                (k, s, p, d), c = params, inputs[0]
+                eff = [dd * (kk - 1) for kk, dd in zip(k, d)]
+                cells[node] = _Cell(
+                    tuple(c.jump[i] * s[i] for i in range(2)),
+                    tuple(c.centre[i] + (eff[i] / 2 - p[i]) * c.jump[i] for i in range(2)),
+                    tuple(c.rf[i] + eff[i] * c.jump[i] for i in range(2)),
+                )
+                continue
+        if name == "pad":
+            pads = node_arg(node, 1, "pad")
+            if isinstance(pads, (tuple, list)) and len(pads) >= 4 and all(isinstance(v, int) for v in pads):
+                c = inputs[0]
+                flags.padded = True
+                cells[node] = _Cell(c.jump, (c.centre[0] - pads[2] * c.jump[0], c.centre[1] - pads[0] * c.jump[1]),
+                                    c.rf)
+                continue
+        if in_hw is None or out_hw is None or in_hw == out_hw:
+            cells[node] = _merge(inputs, node, flags)
+            continue
+        # An opaque op (an untraceable leaf module): estimate its stride from the size ratio.
+        flags.notes.append(f"node '{node.name}' ({name}) changes the map size in a way fcnify cannot follow")
+        c = inputs[0]
+        ratio = [max(1, round(i / o)) if o else 1 for i, o in zip(in_hw, out_hw)]
+        cells[node] = _Cell(tuple(c.jump[i] * ratio[i] for i in range(2)), c.centre, c.rf)
+    if output_cell is None:
+        output_cell = _Cell((1.0, 1.0), (input_size[0] / 2, input_size[1] / 2), tuple(map(float, input_size)))
+        flags.notes.append("the output is not a spatial map")
+    # At the training size the single cell is the classifier on the whole input, and an input grown by n
+    # strides adds n cells whose windows shift by n strides (every stride divides the total stride), so
+    # the window of cell (0, 0) starts at the origin; the RF centre says where inside it the net looks.
+    offset = (0, 0)
+    return Geometry(
+        stride=tuple(int(round(v)) for v in output_cell.jump), offset=offset, window=tuple(input_size),
+        receptive_field=tuple(int(round(v)) for v in output_cell.rf),
+        rf_centre=tuple(float(v) for v in output_cell.centre), padded=flags.padded,
+        global_context=flags.global_context, size_dependent_padding=flags.size_dependent_padding,
+        notes=tuple(dict.fromkeys(flags.notes)),
+    )
+
+
+def _merge(inputs: list[_Cell], node: torch.fx.Node, flags: _Flags) -> _Cell:
+    first = inputs[0]
+    for other in inputs[1:]:
+        if other.jump != first.jump:
+            flags.notes.append(f"node '{node.name}' merges maps of different strides")
+        elif other.centre != first.centre:
+            flags.notes.append(f"node '{node.name}' merges maps whose cells are centred differently")
+    return _Cell(first.jump, first.centre, tuple(max(c.rf[i] for c in inputs) for i in range(2)))

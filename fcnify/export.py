@@ -1,0 +1,185 @@
+"""Standalone files of a converted network: ``.pt2`` (torch.export, dynamic H×W) with fcnify metadata.
+
+A ``.pt2`` is not a safe format: ``torch.export.load`` unpickles entries marked ``use_pickle`` with
+``weights_only=False``, retries the sample inputs unsafely after a failed safe load, and runs compiled
+AOTInductor code. ``inspect_pt2`` finds every such entry in the file's bytes, and ``load_pt2`` loads those
+same bytes only when there is none, or when the user trusts the file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import tempfile
+import zipfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fcnify.convert import FullyConvolutionalNet
+from fcnify.convert.geometry import Geometry
+from fcnify.errors import ExportError, ModelLoadError, OutputError, UnsafeModelError
+
+_logger = logging.getLogger(__name__)
+
+METADATA_NAME = "fcnify.json"
+
+
+@dataclass
+class ModelMetadata:
+    """What a converted network needs beside its weights to be used on images."""
+
+    input_size: tuple[int, int]
+    in_chans: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    labels: tuple[str, ...]
+    geometry: Geometry
+    source: str
+    fcnify_version: str = ""
+
+    def to_dict(self) -> dict:
+        from fcnify import __version__
+
+        return {
+            "input_size": list(self.input_size), "in_chans": self.in_chans, "mean": list(self.mean),
+            "std": list(self.std), "labels": list(self.labels), "geometry": self.geometry.to_dict(),
+            "source": self.source, "fcnify_version": self.fcnify_version or __version__,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelMetadata:
+        return cls(
+            input_size=tuple(data["input_size"]), in_chans=int(data["in_chans"]), mean=tuple(data["mean"]),
+            std=tuple(data["std"]), labels=tuple(data["labels"]), geometry=Geometry.from_dict(data["geometry"]),
+            source=str(data.get("source", "")), fcnify_version=str(data.get("fcnify_version", "")),
+        )
+
+
+@contextmanager
+def atomic_output(path: Path, force: bool = False):
+    """Yield a temp path beside ``path``; rename it into place only if the block succeeds."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise OutputError(f"{path} already exists", hint="pass --force to overwrite it, or choose another -o")
+    if path.is_dir():
+        raise OutputError(f"{path} is a directory", hint="give a file name")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"the folder {parent} does not exist", hint="create it first or choose another -o")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    except OSError as exc:
+        raise OutputError(f"cannot write to {parent}: {exc.strerror}", hint="choose a writable folder") from exc
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def export_program(fcn: FullyConvolutionalNet) -> torch.export.ExportedProgram:
+    """``torch.export`` the network with dynamic batch, height and width (height, width ≥ the training size)."""
+    (h, w), (sy, sx) = fcn.input_size, fcn.geometry.stride
+    # An example two strides above the training size: a 1×1 output would be specialised to the constant 1.
+    example = torch.zeros(2, fcn.in_chans, h + 2 * sy + 1, w + 2 * sx + 1,
+                          dtype=next(fcn.parameters()).dtype, device=next(fcn.parameters()).device)
+    dims = {0: torch.export.Dim("batch", min=1, max=4096), 2: torch.export.Dim("height", min=h),
+            3: torch.export.Dim("width", min=w)}
+    try:
+        # Size-oblivious reasoning keeps ops that check "is this dim 1?" (broadcasting, contiguity) from
+        # guarding the map size away from 1, which is exactly the size at the training resolution.
+        with torch.no_grad(), torch.fx.experimental._config.patch(backed_size_oblivious=True):
+            return torch.export.export(fcn.eval(), (example,), dynamic_shapes={"x": dims}, strict=False)
+    except Exception as exc:
+        raise ExportError(
+            f"torch.export cannot capture the converted network with dynamic size: {type(exc).__name__}: "
+            f"{(str(exc).splitlines() or [''])[0][:300]}",
+            hint="the body has size-dependent code; the in-memory network still works with 'fcnify heatmap'",
+        ) from exc
+
+
+def save_pt2(fcn: FullyConvolutionalNet, metadata: ModelMetadata, path: str | os.PathLike,
+             force: bool = False) -> Path:
+    """Write ``fcn`` as a ``.pt2`` loadable with ``torch.export.load(path).module()`` alone, atomically."""
+    program = export_program(fcn)
+    path = Path(path)
+    with atomic_output(path, force) as tmp:
+        torch.export.save(program, tmp, extra_files={METADATA_NAME: json.dumps(metadata.to_dict())})
+    return path
+
+
+@dataclass
+class Pt2Inspection:
+    """What in a ``.pt2`` would run code when loaded."""
+
+    unsafe_entries: list[str]
+
+    @property
+    def safe(self) -> bool:
+        return not self.unsafe_entries
+
+
+def inspect_pt2(data: bytes) -> Pt2Inspection:
+    """Find the entries of a ``.pt2`` that ``torch.export.load`` would unpickle unsafely or run as code."""
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        names = archive.namelist()
+    except zipfile.BadZipFile as exc:
+        raise ModelLoadError("the .pt2 file is not a zip archive", hint="re-create it with 'fcnify convert'") from exc
+    unsafe: list[str] = []
+    for name in names:
+        rel = name.split("/", 1)[1] if "/" in name else name
+        if name.endswith((".so", ".dll", ".dylib", ".cpp", ".cubin")) or rel.startswith("data/aotinductor/"):
+            unsafe.append(f"{name} (compiled code)")
+        elif rel.startswith("data/constants/") and rel.endswith(".pt") and "/" not in rel[len("data/constants/"):]:
+            unsafe.append(f"{name} (legacy pickled constants)")
+        elif rel.startswith(("data/constants/custom_obj", "data/constants/opaque_obj")):
+            unsafe.append(f"{name} (pickled object)")
+        elif rel.endswith("_config.json") and rel.startswith(("data/weights/", "data/constants/")):
+            config = json.loads(archive.read(name))
+            for key, meta in config.get("config", {}).items():
+                if meta.get("use_pickle"):
+                    unsafe.append(f"{name}: {key} (pickled with use_pickle)")
+        elif rel.startswith("data/sample_inputs/"):
+            try:
+                torch.load(io.BytesIO(archive.read(name)), weights_only=True)
+            except Exception:
+                unsafe.append(f"{name} (sample inputs that only load with pickle)")
+    return Pt2Inspection(unsafe)
+
+
+def load_pt2(path: str | os.PathLike, trust_model: bool = False) -> tuple[nn.Module, ModelMetadata | None]:
+    """Load a ``.pt2`` (read once; checked unless trusted) and its fcnify metadata.
+
+    Raises:
+        UnsafeModelError: the file contains pickles or compiled code and ``trust_model`` is False.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc.strerror}", hint="check the path") from exc
+    if not trust_model:
+        report = inspect_pt2(data)
+        if not report.safe:
+            raise UnsafeModelError(
+                f"{path} holds entries that would run code when loaded: {', '.join(report.unsafe_entries[:3])}",
+                hint="pass --trust-model only if you trust where the file came from",
+            )
+    extra = {METADATA_NAME: ""}
+    try:
+        program = torch.export.load(io.BytesIO(data), extra_files=extra)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load {path} as a torch.export program: {type(exc).__name__}: "
+                             f"{(str(exc).splitlines() or [''])[0][:200]}",
+                             hint="re-create it with 'fcnify convert'") from exc
+    meta = ModelMetadata.from_dict(json.loads(extra[METADATA_NAME])) if extra.get(METADATA_NAME) else None
+    return program.module(), meta

@@ -1,0 +1,201 @@
+"""Proof that a converted network computes what the original does.
+
+1. At the training size: both networks on the same inputs. The strict gate runs both in float64 on the CPU,
+   where a correct rewrite differs only by the rounding of re-ordered sums; float32 figures (and the device's,
+   with TF32 off) are reported beside it.
+2. Above the training size: the dense map against the original classifier on the crop of each sampled cell.
+   Padding-free networks without global context match exactly; others approximately, and the cause is named.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from fcnify.convert import FullyConvolutionalNet
+
+_logger = logging.getLogger(__name__)
+
+FP64_RTOL = 1e-7  # float64 rounding of re-ordered sums stays many orders below this
+FP32_RTOL = 1e-4
+DENSE_EXACT_RTOL = 1e-4
+
+
+@dataclass
+class Agreement:
+    """How two sets of logits agree. ``max_rel_error`` is relative to the largest original logit."""
+
+    dtype: str
+    device: str
+    max_abs_error: float
+    max_rel_error: float
+    top1_agreement: float
+    tolerance: float
+    samples: int
+
+    @property
+    def passed(self) -> bool:
+        return self.max_rel_error <= self.tolerance
+
+
+@dataclass
+class DenseAgreement:
+    """Dense cells against the original classifier on their crops."""
+
+    input_size: tuple[int, int]
+    map_size: tuple[int, int]
+    cells_checked: int
+    max_abs_error: float
+    max_rel_error: float
+    top1_agreement: float
+    exact: bool
+    causes: list[str]
+    tolerance: float
+
+    @property
+    def label(self) -> str:
+        return "exact" if self.exact else "approximate"
+
+    @property
+    def passed(self) -> bool:
+        return not self.exact or self.max_rel_error <= self.tolerance
+
+
+@dataclass
+class EquivalenceReport:
+    """Everything ``verify`` measured."""
+
+    strict: Agreement
+    others: list[Agreement] = field(default_factory=list)
+    dense: DenseAgreement | None = None
+    geometry: dict = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return self.strict.passed and (self.dense is None or self.dense.passed)
+
+    def to_dict(self) -> dict:
+        data = {
+            "passed": self.passed, "strict": asdict(self.strict) | {"passed": self.strict.passed},
+            "others": [asdict(a) | {"passed": a.passed} for a in self.others], "geometry": self.geometry,
+        }
+        if self.dense is not None:
+            data["dense"] = asdict(self.dense) | {"label": self.dense.label, "passed": self.dense.passed}
+        return data
+
+
+def _logits(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = module(x)
+    return out.flatten(1) if out.dim() == 4 else out
+
+
+def _compare(reference: torch.Tensor, candidate: torch.Tensor, dtype: str, device: str, tol: float) -> Agreement:
+    reference, candidate = reference.double().cpu(), candidate.double().cpu()
+    diff = (reference - candidate).abs()
+    scale = reference.abs().max().clamp_min(1e-12)
+    top1 = (reference.argmax(1) == candidate.argmax(1)).double().mean().item()
+    return Agreement(dtype, device, diff.max().item(), (diff.max() / scale).item(), top1, tol, reference.shape[0])
+
+
+def _inputs(count: int, in_chans: int, size: tuple[int, int], images: list[torch.Tensor] | None, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    batch = torch.randn(count, in_chans, *size, generator=generator)
+    if images:
+        batch = torch.cat([batch] + [img.unsqueeze(0) if img.dim() == 3 else img for img in images])
+    return batch
+
+
+@torch.no_grad()
+def check_training_size(model: nn.Module, fcn: nn.Module, input_size: tuple[int, int], in_chans: int,
+                        samples: int = 4, images: list[torch.Tensor] | None = None, device: str | None = None,
+                        seed: int = 0) -> tuple[Agreement, list[Agreement]]:
+    """The strict float64 gate and the float32 (and device) figures at the training size."""
+    x = _inputs(samples, in_chans, input_size, images, seed)
+    ref64 = copy.deepcopy(model).double().eval()
+    fcn64 = copy.deepcopy(fcn).double().eval()
+    strict = _compare(_logits(ref64, x.double()), _logits(fcn64, x.double()), "float64", "cpu", FP64_RTOL)
+    del ref64, fcn64
+    others = [_compare(_logits(model.float().eval(), x), _logits(fcn.float().eval(), x), "float32", "cpu",
+                       FP32_RTOL)]
+    if device and device != "cpu":
+        # cuDNN may use TF32 for convolutions by default while the Linear would not: switch it off to compare.
+        tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            on_device = x.to(device)
+            ref = copy.deepcopy(model).to(device)
+            conv = copy.deepcopy(fcn).to(device)
+            others.append(_compare(_logits(ref, on_device), _logits(conv, on_device), "float32", device, FP32_RTOL))
+        finally:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    return strict, others
+
+
+def _sample_cells(h: int, w: int, count: int, generator: torch.Generator) -> list[tuple[int, int]]:
+    corners = [(0, 0), (0, w - 1), (h - 1, 0), (h - 1, w - 1), (h // 2, w // 2)]
+    cells = list(dict.fromkeys(corners))
+    while len(cells) < min(count, h * w):
+        cell = (int(torch.randint(h, (1,), generator=generator)), int(torch.randint(w, (1,), generator=generator)))
+        if cell not in cells:
+            cells.append(cell)
+    return cells[:count]
+
+
+@torch.no_grad()
+def check_dense(model: nn.Module, fcn: FullyConvolutionalNet, cells: int = 8, grow: int = 3,
+                seed: int = 0) -> DenseAgreement:
+    """Dense cells against the original on their crops, on an input ``grow`` strides (+ a remainder) larger."""
+    g = fcn.geometry
+    size = (g.window[0] + grow * g.stride[0] + g.stride[0] // 2, g.window[1] + (grow + 1) * g.stride[1] + 1)
+    generator = torch.Generator().manual_seed(seed)
+    image = torch.randn(1, fcn.in_chans, *size, generator=generator, dtype=torch.float64)
+    ref = copy.deepcopy(model).double().eval()
+    dense = copy.deepcopy(fcn).double().eval()(image)[0]
+    h, w = dense.shape[-2:]
+    chosen = [c for c in _sample_cells(h, w, cells, generator)]
+    crops, kept = [], []
+    for i, j in chosen:
+        y, x = g.window_origin(i, j)
+        if y < 0 or x < 0 or y + g.window[0] > size[0] or x + g.window[1] > size[1]:
+            continue  # a padded network's border cell whose window leaves the image has no crop
+        crops.append(image[0, :, y:y + g.window[0], x:x + g.window[1]])
+        kept.append((i, j))
+    reference = _logits(ref, torch.stack(crops))
+    candidate = torch.stack([dense[:, i, j] for i, j in kept])
+    agreement = _compare(reference, candidate, "float64", "cpu", DENSE_EXACT_RTOL)
+    causes = []
+    if g.padded:
+        causes.append("zero padding: near a crop's border the crop sees zeros where the dense pass sees image")
+    if g.global_context:
+        causes.append("global context in the body (e.g. squeeze-excitation): dense cells pool the whole image")
+    if g.size_dependent_padding:
+        causes.append("'same' padding computed from the input size")
+    causes.extend(g.notes)
+    return DenseAgreement(tuple(size), (h, w), len(kept), agreement.max_abs_error, agreement.max_rel_error,
+                          agreement.top1_agreement, g.exact, causes, DENSE_EXACT_RTOL)
+
+
+def verify(model: nn.Module, fcn: FullyConvolutionalNet, input_size=None, samples: int = 4,
+           images: list[torch.Tensor] | None = None, device: str | None = None, dense_cells: int = 8,
+           seed: int = 0) -> EquivalenceReport:
+    """Measure how ``fcn`` agrees with ``model``: at the training size, and dense against crops.
+
+    Args:
+        model: the original classifier.
+        fcn: its conversion.
+        input_size: the training size (default: the one ``fcn`` was converted at).
+        samples: random inputs at the training size.
+        images: extra normalised image tensors at the training size.
+        device: also report figures on this device (e.g. "cuda").
+        dense_cells: cells to check against crops (0 skips the dense check).
+    """
+    from fcnify.convert import parse_input_size
+
+    size = parse_input_size(input_size) if input_size is not None else fcn.input_size
+    strict, others = check_training_size(model, fcn, size, fcn.in_chans, samples, images, device, seed)
+    dense = check_dense(model, fcn, dense_cells, seed=seed) if dense_cells else None
+    return EquivalenceReport(strict, others, dense, fcn.geometry.to_dict())
