@@ -10,6 +10,8 @@ geometry approximate, and the reason is kept.
 from __future__ import annotations
 
 import math
+
+import torch
 from dataclasses import dataclass, field
 
 import torch.fx
@@ -189,13 +191,15 @@ def compute_geometry(gm: torch.fx.GraphModule, input_size: tuple[int, int], glob
                                     c.rf)
                 continue
         if in_hw is None or out_hw is None or in_hw == out_hw:
+            if _is_opaque(node, modules):
+                flags.notes.append(f"node '{node.name}' ({name}) is opaque to fcnify; it is assumed to look only "
+                                   "at nearby positions")
             cells[node] = _merge(inputs, node, flags)
             continue
-        # An opaque op (an untraceable leaf module): estimate its stride from the size ratio.
-        flags.notes.append(f"node '{node.name}' ({name}) changes the map size in a way fcnify cannot follow")
-        c = inputs[0]
-        ratio = [max(1, round(i / o)) if o else 1 for i, o in zip(in_hw, out_hw)]
-        cells[node] = _Cell(tuple(c.jump[i] * ratio[i] for i in range(2)), c.centre, c.rf)
+        # An opaque op (an untraceable leaf module): measure how its output grows with its input.
+        flags.notes.append(f"node '{node.name}' ({name}) is opaque to fcnify; its geometry was measured")
+        cells[node] = _probe_opaque(node, modules.get(node.target) if node.op == "call_module" else None,
+                                    inputs[0], shape_of(src_node), in_hw, out_hw)
     if output_cell is None:
         output_cell = _Cell((1.0, 1.0), (input_size[0] / 2, input_size[1] / 2), tuple(map(float, input_size)))
         flags.notes.append("the output is not a spatial map")
@@ -210,6 +214,42 @@ def compute_geometry(gm: torch.fx.GraphModule, input_size: tuple[int, int], glob
         global_context=flags.global_context, size_dependent_padding=flags.size_dependent_padding,
         notes=tuple(dict.fromkeys(flags.notes)),
     )
+
+
+_TORCH_MODULES = ("torch", "_operator", "operator", "builtins", "math")
+
+
+def _is_opaque(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """An op fcnify cannot see into: a leaf module from outside torch.nn, or a wrapped non-torch function."""
+    if node.op == "call_module":  # subclasses of torch.nn layers (timm's BatchNormAct2d) are known
+        return not any(cls.__module__.startswith("torch.nn") and cls is not nn.Module
+                       for cls in type(modules[node.target]).__mro__)
+    if node.op == "call_function":
+        return not str(getattr(node.target, "__module__", "") or "torch").split(".")[0] in _TORCH_MODULES
+    return False
+
+
+_PROBE_GROWTH = 32
+
+
+def _probe_opaque(node, module, cell: _Cell, in_shape, in_hw, out_hw) -> _Cell:
+    """Geometry of an opaque module, assuming no padding: stride from growth, kernel from the size lost."""
+    stride = [max(1, round(i / o)) if o else 1 for i, o in zip(in_hw, out_hw)]
+    if module is not None and in_shape is not None and len(in_shape) == 4:
+        param = next(module.parameters(), None)
+        probe = torch.zeros(1, in_shape[1], in_hw[0] + _PROBE_GROWTH, in_hw[1] + _PROBE_GROWTH,
+                            dtype=param.dtype if param is not None else torch.float32,
+                            device=param.device if param is not None else "cpu")
+        try:
+            with torch.no_grad():
+                grown = module(probe).shape[-2:]
+            stride = [max(1, round(_PROBE_GROWTH / max(1, g - o))) for g, o in zip(grown, out_hw)]
+        except Exception:  # a module that only runs at one size: keep the ratio estimate
+            pass
+    kernel = [max(1, i - (o - 1) * s) for i, o, s in zip(in_hw, out_hw, stride)]
+    return _Cell(tuple(cell.jump[i] * stride[i] for i in range(2)),
+                 tuple(cell.centre[i] + (kernel[i] - 1) / 2 * cell.jump[i] for i in range(2)),
+                 tuple(cell.rf[i] + (kernel[i] - 1) * cell.jump[i] for i in range(2)))
 
 
 def _merge(inputs: list[_Cell], node: torch.fx.Node, flags: _Flags) -> _Cell:

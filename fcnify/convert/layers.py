@@ -51,5 +51,8 @@ def batchnorm1d_to_2d(source: nn.BatchNorm1d) -> nn.BatchNorm2d:
     """A BatchNorm2d with the same statistics and affine parameters (per channel instead of per feature)."""
     bn = nn.BatchNorm2d(source.num_features, eps=source.eps, momentum=source.momentum, affine=source.affine,
                         track_running_stats=source.track_running_stats)
+    reference = source.running_mean if source.running_mean is not None else source.weight
+    if reference is not None:
+        bn = bn.to(device=reference.device, dtype=reference.dtype)
     bn.load_state_dict(source.state_dict())
-    return bn.to(next(iter(source.state_dict().values())).device).eval()
+    return bn.eval()
