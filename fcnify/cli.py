@@ -172,8 +172,9 @@ def convert(
     for t in _report_tables(report):
         console.print(t)
     if onnx is not None:
-        console.print(f"[green]wrote[/] {onnx} (checked with onnxruntime at "
-                      f"{', '.join(s['size'] for s in result['onnx']['sizes'])})")
+        checked = ", ".join("x".join(map(str, c["input_size"])) for c in result["onnx"]["checks"])
+        console.print(f"[green]wrote[/] {onnx} (opset {result['onnx']['opset']}, onnx.checker full check, "
+                      f"onnxruntime agrees with PyTorch at {checked})")
     console.print(f"[green]wrote[/] {output}  (torch.export.load('{output}').module() runs any H×W ≥ "
                   f"{fcn.input_size[0]}×{fcn.input_size[1]})")
 
@@ -212,11 +213,12 @@ def verify(
         if model.endswith(".onnx"):
             from fcnify.onnx_export import verify_onnx
 
-            fcn = _convert(original)
-            result = {"onnx": [vars(a) if hasattr(a, "__dict__") else a for a in verify_onnx(model, fcn, None)]}
+            agreements = verify_onnx(model, original.module)
+            result = {"onnx_vs_pytorch": [a.to_dict() for a in agreements]}
+            onnx_passed = all(a.passed for a in agreements)
         else:
-            result = {}
-        report_passed = strict.passed
+            result, onnx_passed = {}, True
+        report_passed = strict.passed and onnx_passed
         data = {"passed": report_passed, "strict": vars(strict), "others": [vars(o) for o in others], **result}
         if as_json:
             print(json.dumps(data, indent=2, default=str))
@@ -240,6 +242,87 @@ def verify(
         console.print("[green]equivalent[/]" if report.passed else "[red]NOT equivalent[/]")
     if not report.passed:
         raise typer.Exit(NotEquivalentError.exit_code)
+
+
+def _heatmap_table(rows) -> Table:
+    table = Table(title="Dense class maps")
+    for column in ("image", "size", "map", "top classes (peak score @ y, x px)"):
+        table.add_column(column)
+    for row in rows:
+        if row.status != "ok":
+            table.add_row(row.path, "-", "-", f"[red]{row.error}[/]")
+            continue
+        top = ", ".join(f"{p.label} {p.score:.2f} @ {p.y:.0f},{p.x:.0f}" for p in row.top)
+        size = f"{row.image_size[0]}×{row.image_size[1]}" + (" (padded)" if row.padded else "")
+        table.add_row(row.path, size, f"{row.map_size[0]}×{row.map_size[1]}", top)
+    return table
+
+
+@app.command()
+@_reports_errors
+def heatmap(
+    images: Annotated[list[str] | None, typer.Argument(help="Image files, folders (recursive) or glob patterns.")] = None,
+    model: Annotated[str, typer.Option("--model", "-m", help="Model spec (as for convert) or a .pt2/.onnx.")] = "digits",
+    outdir: Annotated[Path, typer.Option("-o", "--outdir", help="Output folder.")] = Path("fcnify-out"),
+    manifest: Annotated[Path | None, typer.Option("--manifest", help="A .txt, .csv or .parquet list of images.")] = None,
+    classes: Annotated[list[str] | None, typer.Option("--class", help="Class name or index to draw (repeatable).")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="Classes in <stem>.classes.png.")] = 4,
+    cmap: Annotated[str, typer.Option("--cmap", help="A matplotlib colormap.")] = "inferno",
+    alpha: Annotated[float, typer.Option("--alpha", min=0.0, max=1.0, help="Heatmap opacity.")] = 0.5,
+    scale: Annotated[float, typer.Option("--scale", min=0.01, help="Resize images by this factor first.")] = 1.0,
+    max_pixels: Annotated[int | None, typer.Option("--max-pixels", min=0,
+                                                   help="Refuse larger images (0: no limit).")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")] = "auto",
+    precision: Annotated[str, typer.Option("--precision", help="fp32, fp16 (GPU) or bf16.")] = "fp32",
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Same-size images per batch.")] = 8,
+    input_size: SizeOpt = None,
+    weights: WeightsOpt = "default",
+    arch: ArchOpt = None,
+    trust_model: TrustOpt = False,
+    as_json: JsonOpt = False,
+):
+    """Compute dense class score maps and heatmaps for images, in one pass each at their own resolution."""
+    from fcnify.inputs import expand_inputs, read_manifest
+    from fcnify.outputs import HeatmapOptions, run_images
+
+    items = list(images or [])
+    paths = expand_inputs(items) if items else []
+    if manifest is not None:
+        paths += read_manifest(manifest)
+    if not paths:
+        raise FcnifyError("no images given", hint="name image files or folders, or pass --manifest FILE")
+    options = HeatmapOptions(outdir=outdir, classes=tuple(classes or ()), top_k=top_k, cmap=cmap, alpha=alpha,
+                             scale=scale, max_pixels=max_pixels, device=device, precision=precision,
+                             batch_size=batch_size)
+    options.validate()
+    loaded = _load(model, weights, arch, input_size, trust_model)
+    if loaded.converted:
+        fcn, geometry = loaded.module, loaded.geometry
+    else:
+        fcn = _convert(loaded)
+        geometry = fcn.geometry
+    if as_json or len(paths) == 1:
+        rows = run_images(paths, fcn, geometry, loaded, options)
+    else:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeRemainingColumn(), console=err_console, transient=True) as progress:
+            task = progress.add_task("images", total=len(paths))
+            rows = run_images(paths, fcn, geometry, loaded, options,
+                              progress=lambda _path: progress.advance(task))
+    failed = [row for row in rows if row.status != "ok"]
+    if as_json:
+        print(json.dumps({"outdir": str(outdir), "rows": [row.to_dict() for row in rows],
+                          "ok": len(rows) - len(failed), "errors": len(failed)}, indent=2, default=str))
+    else:
+        console.print(_heatmap_table(rows))
+        console.print(f"outputs in {outdir}/: <stem>.heatmap.png, <stem>.classes.png, <stem>.scores.npz")
+    for row in failed:
+        err_console.print(f"[bold red]error:[/] {row.path}: {row.error}", highlight=False, soft_wrap=True)
+    if failed:
+        err_console.print(f"[bold red]{len(failed)} of {len(rows)} images failed[/]")
+        raise typer.Exit(1)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -86,24 +86,36 @@ def atomic_output(path: Path, force: bool = False):
 
 
 def export_program(fcn: FullyConvolutionalNet) -> torch.export.ExportedProgram:
-    """``torch.export`` the network with dynamic batch, height and width (height, width ≥ the training size)."""
+    """``torch.export`` the network with dynamic batch, height and width (height, width ≥ the training size).
+
+    Dims are first declared with the training size as minimum. Where the shape solver cannot prove its
+    guards for every such size (ceil-mode pools, as in SqueezeNet), they are declared ``Dim.DYNAMIC`` and the
+    guards become run-time checks.
+    """
     (h, w), (sy, sx) = fcn.input_size, fcn.geometry.stride
+    param = next(fcn.parameters(), None)
     # An example two strides above the training size: a 1×1 output would be specialised to the constant 1.
     example = torch.zeros(2, fcn.in_chans, h + 2 * sy + 1, w + 2 * sx + 1,
-                          dtype=next(fcn.parameters()).dtype, device=next(fcn.parameters()).device)
-    dims = {0: torch.export.Dim("batch", min=1, max=4096), 2: torch.export.Dim("height", min=h),
-            3: torch.export.Dim("width", min=w)}
-    try:
-        # Size-oblivious reasoning keeps ops that check "is this dim 1?" (broadcasting, contiguity) from
-        # guarding the map size away from 1, which is exactly the size at the training resolution.
-        with torch.no_grad(), torch.fx.experimental._config.patch(backed_size_oblivious=True):
-            return torch.export.export(fcn.eval(), (example,), dynamic_shapes={"x": dims}, strict=False)
-    except Exception as exc:
-        raise ExportError(
-            f"torch.export cannot capture the converted network with dynamic size: {type(exc).__name__}: "
-            f"{(str(exc).splitlines() or [''])[0][:300]}",
-            hint="the body has size-dependent code; the in-memory network still works with 'fcnify heatmap'",
-        ) from exc
+                          dtype=param.dtype if param is not None else torch.float32,
+                          device=param.device if param is not None else "cpu")
+    named = {0: torch.export.Dim("batch", min=1, max=4096), 2: torch.export.Dim("height", min=h),
+             3: torch.export.Dim("width", min=w)}
+    dynamic = {0: torch.export.Dim.DYNAMIC, 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}
+    failure: Exception | None = None
+    for dims in (named, dynamic):
+        try:
+            # Size-oblivious reasoning keeps ops that check "is this dim 1?" (broadcasting, contiguity) from
+            # guarding the map size away from 1, which is exactly the size at the training resolution.
+            with torch.no_grad(), torch.fx.experimental._config.patch(backed_size_oblivious=True):
+                return torch.export.export(fcn.eval(), (example,), dynamic_shapes={"x": dims}, strict=False)
+        except Exception as exc:
+            _logger.info("torch.export with %s dims failed: %s", "named" if dims is named else "DYNAMIC", exc)
+            failure = exc
+    raise ExportError(
+        f"torch.export cannot capture the converted network with dynamic size: {type(failure).__name__}: "
+        f"{(str(failure).splitlines() or [''])[0][:300]}",
+        hint="the body has size-dependent code; the in-memory network still works with 'fcnify heatmap'",
+    ) from failure
 
 
 def save_pt2(fcn: FullyConvolutionalNet, metadata: ModelMetadata, path: str | os.PathLike,

@@ -10,10 +10,9 @@ geometry approximate, and the reason is kept.
 from __future__ import annotations
 
 import math
-
-import torch
 from dataclasses import dataclass, field
 
+import torch
 import torch.fx
 from torch import nn
 
@@ -225,7 +224,7 @@ def _is_opaque(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
         return not any(cls.__module__.startswith("torch.nn") and cls is not nn.Module
                        for cls in type(modules[node.target]).__mro__)
     if node.op == "call_function":
-        return not str(getattr(node.target, "__module__", "") or "torch").split(".")[0] in _TORCH_MODULES
+        return str(getattr(node.target, "__module__", "") or "torch").split(".")[0] not in _TORCH_MODULES
     return False
 
 

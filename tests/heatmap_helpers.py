@@ -1,0 +1,79 @@
+"""Small real models and images shared by the heatmap tests (images, dense, render, outputs)."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from fcnify.convert import convert
+
+LABELS = tuple(f"class{i}" for i in range(10)) + ("background",)
+MEAN, STD = (0.5,), (0.25,)
+SMALL_META = SimpleNamespace(in_chans=1, mean=MEAN, std=STD, labels=LABELS)
+BLOB_META = SimpleNamespace(in_chans=1, mean=(0.0,), std=(1.0,), labels=("none", "blob"))
+
+
+def small_cnn(seed: int = 0) -> nn.Module:
+    """A padding-free CNN on 32x32 grayscale with 11 classes: conv5-relu-pool2-conv3-relu-flatten-linear."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 8, 3), nn.ReLU(), nn.Flatten(),
+        nn.Linear(8 * 12 * 12, 11),
+    ).eval()
+
+
+@functools.cache
+def converted_small():
+    """The converted small CNN (stride 2, window 32). Shared: tests must not modify it."""
+    return convert(small_cnn(), (32, 32), in_chans=1)
+
+
+def blob_detector() -> nn.Module:
+    """Class 1 ("blob") scores high when a bright blob sits at the centre of the 32x32 window.
+
+    conv3 (identity on the centre tap) -> relu -> maxpool2 gives a 15x15 map whose cell (7, 7) covers input
+    pixels 14..17 (the window centre is at 16); the linear layer weights that map with a narrow Gaussian bump
+    around (7, 7) for class 1 and nothing for class 0 (a constant bias).
+    """
+    conv = nn.Conv2d(1, 1, 3, bias=False)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[0, 0, 1, 1] = 1.0
+    linear = nn.Linear(15 * 15, 2)
+    yy, xx = np.mgrid[0:15, 0:15]
+    bump = np.exp(-((yy - 7) ** 2 + (xx - 7) ** 2) / 2.0)
+    with torch.no_grad():
+        linear.weight.zero_()
+        linear.weight[1] = torch.from_numpy(bump.ravel()).float() * 2.0
+        linear.bias.copy_(torch.tensor([0.0, -2.0]))
+    return nn.Sequential(conv, nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), linear).eval()
+
+
+@functools.cache
+def converted_blob():
+    return convert(blob_detector(), (32, 32), in_chans=1)
+
+
+def blob_scene(size=(80, 96), centre=(45, 30), radius=3.0) -> np.ndarray:
+    """A black uint8 grayscale scene with one bright disc at ``centre`` (pixel-edge coordinates)."""
+    yy, xx = np.mgrid[0:size[0], 0:size[1]] + 0.5
+    disc = ((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2) <= radius ** 2
+    return (disc * 255).astype(np.uint8)
+
+
+def noise_image(size=(48, 64), mode="L", seed=0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    shape = size if mode == "L" else (*size, 3)
+    return Image.fromarray(rng.integers(0, 256, size=shape, dtype=np.uint8), mode=mode)
+
+
+def save(image: Image.Image, path: Path, **kwargs) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, **kwargs)
+    return path
