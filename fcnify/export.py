@@ -73,7 +73,8 @@ def atomic_output(path: Path, force: bool = False):
     if not parent.is_dir():
         raise OutputError(f"the folder {parent} does not exist", hint="create it first or choose another -o")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+        # Hidden, and ending in the real suffix (torch.export checks it): ".name.XXXX.tmp.pt2".
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=parent)
     except OSError as exc:
         raise OutputError(f"cannot write to {parent}: {exc.strerror}", hint="choose a writable folder") from exc
     os.close(fd)

@@ -88,6 +88,14 @@ class EquivalenceReport:
         return data
 
 
+def _evaluating(module: nn.Module) -> nn.Module:
+    """Eval mode, for modules that have one (a loaded torch.export program refuses ``eval()``)."""
+    try:
+        return module.eval()
+    except NotImplementedError:
+        return module
+
+
 def _logits(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     out = module(x)
     return out.flatten(1) if out.dim() == 4 else out
@@ -115,12 +123,12 @@ def check_training_size(model: nn.Module, fcn: nn.Module, input_size: tuple[int,
                         seed: int = 0) -> tuple[Agreement, list[Agreement]]:
     """The strict float64 gate and the float32 (and device) figures at the training size."""
     x = _inputs(samples, in_chans, input_size, images, seed)
-    ref64 = copy.deepcopy(model).double().eval()
-    fcn64 = copy.deepcopy(fcn).double().eval()
+    ref64 = _evaluating(copy.deepcopy(model).double())
+    fcn64 = _evaluating(copy.deepcopy(fcn).double())
     strict = _compare(_logits(ref64, x.double()), _logits(fcn64, x.double()), "float64", "cpu", FP64_RTOL)
     del ref64, fcn64
-    others = [_compare(_logits(model.float().eval(), x), _logits(fcn.float().eval(), x), "float32", "cpu",
-                       FP32_RTOL)]
+    others = [_compare(_logits(_evaluating(model.float()), x), _logits(_evaluating(fcn.float()), x), "float32",
+                       "cpu", FP32_RTOL)]
     if device and device != "cpu":
         # cuDNN may use TF32 for convolutions by default while the Linear would not: switch it off to compare.
         tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)

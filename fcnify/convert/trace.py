@@ -9,6 +9,8 @@ leaves in the body are harmless.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from collections.abc import Callable
 
@@ -97,7 +99,8 @@ def capture(model: nn.Module) -> torch.fx.GraphModule:
 
 def propagate_shapes(gm: torch.fx.GraphModule, example: torch.Tensor) -> None:
     """Record ``tensor_meta`` (shape, dtype) on every node by running ``gm`` on ``example``."""
-    with torch.no_grad():
+    # ShapeProp prints a traceback itself before re-raising; the caller turns the error into one line.
+    with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
         ShapeProp(gm).propagate(example)
 
 
