@@ -179,6 +179,13 @@ def convert(
                   f"{fcn.input_size[0]}×{fcn.input_size[1]})")
 
 
+def _training_size_images(paths: list[Path], loaded, size) -> list:
+    from fcnify.images import fit_to_window, prepare, read_image
+
+    return [prepare(fit_to_window(read_image(p), size), loaded.in_chans, loaded.mean, loaded.std).tensor
+            for p in paths]
+
+
 @app.command()
 @_reports_errors
 def verify(
@@ -191,6 +198,8 @@ def verify(
     samples: Annotated[int, typer.Option("--samples", min=1, help="Random inputs at the training size.")] = 4,
     cells: Annotated[int, typer.Option("--cells", min=0, help="Dense cells to compare with crops (0: skip).")] = 8,
     device: Annotated[str | None, typer.Option("--device", help="Also report figures on this device.")] = None,
+    image: Annotated[list[Path] | None, typer.Option(
+        "--image", help="Also compare on this image, resized and centre-cropped to the training size (repeatable).")] = None,
     trust_model: TrustOpt = False,
     as_json: JsonOpt = False,
 ):
@@ -232,7 +241,8 @@ def verify(
             raise typer.Exit(NotEquivalentError.exit_code)
         return
     fcn = _convert(loaded)
-    report = run_verify(loaded.module, fcn, samples=samples, device=device, dense_cells=cells)
+    real = _training_size_images(image or [], loaded, fcn.input_size)
+    report = run_verify(loaded.module, fcn, samples=samples, images=real, device=device, dense_cells=cells)
     if as_json:
         print(json.dumps(report.to_dict(), indent=2, default=str))
     else:

@@ -220,3 +220,17 @@ def _to_8bit(image: Image.Image) -> Image.Image:
                                          and image.mode == "I"):
         array = array / 65535.0 * 255.0
     return Image.fromarray(np.clip(np.round(array), 0, 255).astype(np.uint8), mode="L")
+
+
+def fit_to_window(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Resize ``image`` to cover ``size`` (height, width) keeping its aspect, then centre-crop to it.
+
+    This is the usual evaluation transform (torchvision's resize-then-centre-crop), used to check a conversion
+    on real images at the training size.
+    """
+    height, width = size
+    factor = max(height / image.height, width / image.width)
+    resized = image.resize((max(width, round(image.width * factor)), max(height, round(image.height * factor))),
+                           Image.Resampling.BILINEAR)
+    top, left = (resized.height - height) // 2, (resized.width - width) // 2
+    return resized.crop((left, top, left + width, top + height))

@@ -61,9 +61,10 @@ def test_convert_torchvision_resnet18_maps(tmp_path):
 
 
 def test_verify_default_digits_and_exit_codes(tmp_path, weights):
-    result = invoke("verify", "--json")
+    result = invoke("verify", "--json", "--image", SAMPLES / "digits_scene_1.png", "--image", SAMPLES / "china.jpg")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
+    assert report["strict"]["samples"] == 4 + 2
     assert report["passed"] and report["dense"]["label"] == "exact" and report["dense"]["max_rel_error"] < 1e-10
     pt2 = tmp_path / "s.pt2"
     assert invoke("convert", weights, "--arch", "nets:small_cnn", "--input-size", "20x24", "-o", pt2).exit_code == 0

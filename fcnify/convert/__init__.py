@@ -59,9 +59,14 @@ class FullyConvolutionalNet(nn.Module):
         return self.net(x)
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
-        """The score map's size for an input of ``height`` × ``width`` (padding-free arithmetic on the grid)."""
+        """The score map's size for an input of ``height`` × ``width`` (exact for padding-free networks).
+
+        A network may ignore the last rows of its window (floor-mode pooling): cells then need only the
+        receptive field inside the image, so the count uses the smaller of the two extents.
+        """
         g = self.geometry
-        return ((height - g.window[0]) // g.stride[0] + 1, (width - g.window[1]) // g.stride[1] + 1)
+        extent = [min(w, r) for w, r in zip(g.window, g.receptive_field)]
+        return ((height - extent[0]) // g.stride[0] + 1, (width - extent[1]) // g.stride[1] + 1)
 
 
 @dataclass(frozen=True)
