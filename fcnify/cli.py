@@ -30,9 +30,11 @@ err_console = Console(stderr=True)
 
 
 def _fail(exc: FcnifyError) -> typer.Exit:
-    message = f"[bold red]error:[/] {exc.message}"
+    from rich.markup import escape  # messages hold paths and hints like "pip install 'fcnify[ray]'"
+
+    message = f"[bold red]error:[/] {escape(exc.message)}"
     if exc.hint:
-        message += f" [dim](hint: {exc.hint})[/]"
+        message += f" [dim](hint: {escape(exc.hint)})[/]"
     err_console.print(message, highlight=False, soft_wrap=True)
     return typer.Exit(exc.exit_code)
 
@@ -285,6 +287,22 @@ def heatmap(
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")] = "auto",
     precision: Annotated[str, typer.Option("--precision", help="fp32, fp16 (GPU) or bf16.")] = "fp32",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Same-size images per batch.")] = 8,
+    tile: Annotated[str | None, typer.Option(
+        "--tile", help="Exact tiled inference: tile size in px (768 or 768x1024) or 'auto' (see --max-memory).")] = None,
+    max_memory: Annotated[str | None, typer.Option(
+        "--max-memory", help="Memory budget for --tile auto, e.g. 2GB (alone it implies --tile auto).")] = None,
+    output_stride: Annotated[int | None, typer.Option(
+        "--output-stride", min=1, help="Finer map: a divisor of the network's stride (dilation rewrite).")] = None,
+    scales: Annotated[str | None, typer.Option(
+        "--scales", help="Image pyramid, e.g. 0.5,1,2: one map per scale, combined on the grid of scale 1.")] = None,
+    combine: Annotated[str, typer.Option("--combine", help="How --scales are combined: mean or max.")] = "mean",
+    engine: Annotated[str, typer.Option("--engine", help="local (this process) or ray (a Ray Data job).")] = "local",
+    ray_address: Annotated[str | None, typer.Option(
+        "--ray-address", help="Ray cluster to run on (else RAY_ADDRESS, else a local Ray on 127.0.0.1).")] = None,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Ray actors, each with one copy of the model.")] = 1,
+    gpus_per_worker: Annotated[float, typer.Option("--gpus-per-worker", min=0.0, help="GPUs per Ray actor.")] = 0.0,
+    cpus_per_worker: Annotated[float, typer.Option("--cpus-per-worker", min=0.01, help="CPUs per Ray actor.")] = 1.0,
+    resume: Annotated[bool, typer.Option("--resume", help="Skip images whose outputs are complete; redo the rest.")] = False,
     input_size: SizeOpt = None,
     weights: WeightsOpt = "default",
     arch: ArchOpt = None,
@@ -292,8 +310,10 @@ def heatmap(
     as_json: JsonOpt = False,
 ):
     """Compute dense class score maps and heatmaps for images, in one pass each at their own resolution."""
+    from fcnify.batch import ENGINES, RayOptions, run_job
     from fcnify.inputs import expand_inputs, read_manifest
-    from fcnify.outputs import HeatmapOptions, run_images
+    from fcnify.multiscale import parse_scales
+    from fcnify.outputs import HeatmapOptions
 
     items = list(images or [])
     paths = expand_inputs(items) if items else []
@@ -303,31 +323,51 @@ def heatmap(
         raise FcnifyError("no images given", hint="name image files or folders, or pass --manifest FILE")
     options = HeatmapOptions(outdir=outdir, classes=tuple(classes or ()), top_k=top_k, cmap=cmap, alpha=alpha,
                              scale=scale, max_pixels=max_pixels, device=device, precision=precision,
-                             batch_size=batch_size)
+                             batch_size=batch_size, tile=tile, max_memory=max_memory, output_stride=output_stride,
+                             scales=tuple(parse_scales(scales)) if scales else (), combine=combine)
     options.validate()
+    if engine not in ENGINES:
+        raise FcnifyError(f"unknown engine {engine!r}", hint="use --engine local or --engine ray")
+    ray_options = RayOptions(address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker,
+                             cpus_per_worker=cpus_per_worker)
+    if engine == "ray":
+        from fcnify.batch import _require_ray
+
+        _require_ray()  # before loading and converting the model
     loaded = _load(model, weights, arch, input_size, trust_model)
     if loaded.converted:
         fcn, geometry = loaded.module, loaded.geometry
     else:
         fcn = _convert(loaded)
         geometry = fcn.geometry
-    if as_json or len(paths) == 1:
-        rows = run_images(paths, fcn, geometry, loaded, options)
+    model_file = model if model.endswith((".pt2", ".onnx")) and Path(model).is_file() else None
+    job = {"engine": engine, "ray_options": ray_options, "resume": resume, "model_file": model_file,
+           "trust_model": trust_model}
+    if as_json or len(paths) == 1 or engine == "ray":  # Ray Data shows its own progress bars
+        result = run_job(paths, fcn, geometry, loaded, options, **job)
     else:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeRemainingColumn(), console=err_console, transient=True) as progress:
             task = progress.add_task("images", total=len(paths))
-            rows = run_images(paths, fcn, geometry, loaded, options,
-                              progress=lambda _path: progress.advance(task))
-    failed = [row for row in rows if row.status != "ok"]
+            result = run_job(paths, fcn, geometry, loaded, options, progress=lambda _path: progress.advance(task),
+                             **job)
+    rows, failed = result.rows, result.failed
+    counts = {"ok": len(rows) - len(failed), "errors": len(failed), "skipped": result.skipped,
+              "processed": result.processed, "seconds": round(result.seconds, 3),
+              "images_per_second": round(result.images_per_second, 3), "engine": result.engine,
+              "summary": str(result.summary) if result.summary else None}
     if as_json:
-        print(json.dumps({"outdir": str(outdir), "rows": [row.to_dict() for row in rows],
-                          "ok": len(rows) - len(failed), "errors": len(failed)}, indent=2, default=str))
+        print(json.dumps({"outdir": str(outdir), "rows": [row.to_dict() for row in rows], **counts,
+                          "cluster": result.cluster}, indent=2, default=str))
     else:
         console.print(_heatmap_table(rows))
-        console.print(f"outputs in {outdir}/: <stem>.heatmap.png, <stem>.classes.png, <stem>.scores.npz")
+        console.print(f"{counts['ok']} ok ({result.skipped} skipped as complete), {len(failed)} failed; "
+                      f"{result.processed} images in {result.seconds:.1f} s = {result.images_per_second:.2f} "
+                      f"images/s ({engine} engine)")
+        console.print(f"outputs in {outdir}/: <stem>.heatmap.png, <stem>.classes.png, <stem>.scores.npz, "
+                      f"{'summary.parquet' if result.summary else 'no summary.parquet (needs pyarrow)'}")
     for row in failed:
         err_console.print(f"[bold red]error:[/] {row.path}: {row.error}", highlight=False, soft_wrap=True)
     if failed:

@@ -8,7 +8,7 @@ network once per batch (``_forward``, the one place that touches the device and 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -17,7 +17,8 @@ from torch import nn
 
 from fcnify.errors import InputError
 
-__all__ = ["PRECISIONS", "ScoreMap", "place_model", "score_map", "score_maps", "select_device"]
+__all__ = ["PRECISIONS", "DenseEngine", "ScoreMap", "check_dense_options", "place_model", "score_map", "score_maps",
+           "dense_kwargs", "select_device", "with_output_stride"]
 
 _logger = logging.getLogger(__name__)
 
@@ -199,7 +200,9 @@ def _image_geometry(geometry, prepared) -> dict:
 
 
 def score_maps(fcn: nn.Module, images: Sequence, geometry, labels: Sequence[str],
-               device: torch.device | str = "cpu", precision: str = "fp32", batch_size: int = 8) -> list[ScoreMap]:
+               device: torch.device | str = "cpu", precision: str = "fp32", batch_size: int = 8, *,
+               tile=None, max_memory=None, scales: Sequence[float] | None = None, combine: str = "mean",
+               progress: Callable[[int, int], None] | None = None) -> list[ScoreMap]:
     """Dense class scores of several images, in order; images of the same size are batched together.
 
     Args:
@@ -212,6 +215,14 @@ def score_maps(fcn: nn.Module, images: Sequence, geometry, labels: Sequence[str]
         device: a ``torch.device`` or a name for ``select_device``.
         precision: fp32, fp16 (GPU only) or bf16.
         batch_size: the most images per forward pass.
+        tile: None (one pass), a tile size (768, "768x1024") or "auto": compute each map tile by tile,
+            exactly (``fcnify.tiling``); images then run one at a time.
+        max_memory: a memory budget ("2GB") for ``tile="auto"`` (default: half the available memory); given
+            without ``tile`` it implies ``tile="auto"``.
+        scales: an image pyramid (``fcnify.multiscale``): one map per scale, combined on the grid of scale 1
+            (of the first scale when 1 is not listed).
+        combine: "mean" or "max" of the scales' probabilities.
+        progress: called as ``progress(tiles_done, tiles_total)`` for each tiled image.
 
     Raises:
         InputError: a bad device/precision, a label count that does not match K, a network that fails.
@@ -222,6 +233,10 @@ def score_maps(fcn: nn.Module, images: Sequence, geometry, labels: Sequence[str]
         raise InputError(f"--batch-size {batch_size} must be at least 1", hint="e.g. --batch-size 8")
     prepared = [_as_prepared(item) for item in images]
     place_model(fcn, device)
+    check_dense_options(tile, max_memory, scales, combine)
+    if tile is not None or max_memory is not None or scales:
+        engine = DenseEngine(fcn, geometry, device, dtype, tile, max_memory, progress=progress)
+        return [engine.score_map(item, labels, scales, combine) for item in prepared]
     groups: dict[tuple[int, ...], list[int]] = {}
     for index, item in enumerate(prepared):
         groups.setdefault(tuple(item.tensor.shape), []).append(index)
@@ -256,6 +271,171 @@ def score_maps(fcn: nn.Module, images: Sequence, geometry, labels: Sequence[str]
 
 
 def score_map(fcn: nn.Module, image, geometry, labels: Sequence[str], device: torch.device | str = "cpu",
-              precision: str = "fp32") -> ScoreMap:
+              precision: str = "fp32", **options) -> ScoreMap:
     """Dense class scores of one image (a ``PreparedImage`` or a C×H×W tensor); see ``score_maps``."""
-    return score_maps(fcn, [image], geometry, labels, device, precision, batch_size=1)[0]
+    return score_maps(fcn, [image], geometry, labels, device, precision, batch_size=1, **options)[0]
+
+
+# ------------------------------------------------------------------------------ tiles, scales, output stride
+
+
+COMBINES = ("mean", "max")
+
+
+def check_dense_options(tile=None, max_memory=None, scales=None, combine: str = "mean",
+                        output_stride: int | None = None) -> None:
+    """Raise ``InputError`` for tiling, multi-scale and output-stride options that can never work."""
+    from fcnify.tiling import parse_memory, parse_tile
+
+    parse_tile(tile)
+    if max_memory is not None:
+        parse_memory(max_memory)
+    if scales is not None:
+        from fcnify.multiscale import parse_scales
+
+        parse_scales(scales)
+    if combine not in COMBINES:
+        raise InputError(f"--combine {combine!r} is not one of {', '.join(COMBINES)}", hint="e.g. --combine mean")
+    if output_stride is not None and int(output_stride) < 1:
+        raise InputError(f"--output-stride {output_stride} must be a positive integer",
+                         hint="e.g. --output-stride 8 for a stride-32 network")
+
+
+def with_output_stride(fcn: nn.Module, geometry, output_stride: int | None):
+    """(network, geometry) whose map has ``output_stride`` (dilation rewrite, ``fcnify.convert.dilate``).
+
+    None or the native stride returns the inputs unchanged.
+
+    Raises:
+        InputError: a network without a graph (a loaded .pt2 or .onnx), or a stride that does not divide.
+        ConversionError: a network the dilation rewrite cannot handle.
+    """
+    if output_stride is None or all(int(output_stride) == s for s in geometry.stride):
+        return fcn, geometry
+    from fcnify.convert import FullyConvolutionalNet
+    from fcnify.convert.dilate import dilate
+
+    if not isinstance(fcn, FullyConvolutionalNet):
+        raise InputError(f"--output-stride needs the model's graph, and {type(fcn).__name__} has none",
+                         hint="give the original model (torchvision:NAME, timm:NAME, a state_dict), not a "
+                         "converted .pt2/.onnx")
+    cache = fcn.__dict__.setdefault("_fcnify_output_strides", {})  # one rewrite per network and stride
+    if int(output_stride) not in cache:
+        cache[int(output_stride)] = dilate(fcn, int(output_stride))
+    fine = cache[int(output_stride)]
+    return fine, fine.geometry
+
+
+def dense_kwargs(options) -> dict:
+    """The tiling and multi-scale keyword arguments of ``score_maps`` from ``HeatmapOptions``-like options."""
+    return {"tile": getattr(options, "tile", None), "max_memory": getattr(options, "max_memory", None),
+            "scales": tuple(getattr(options, "scales", ()) or ()) or None,
+            "combine": getattr(options, "combine", "mean")}
+
+
+def _available_memory() -> int:
+    """Bytes of memory available to this process now (MemAvailable on Linux), 4 GB when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * 10**9
+
+
+class DenseEngine:
+    """Logits of one image at a time, one pass or tiled; the multi-scale pyramid runs through it.
+
+    Args:
+        fcn, geometry: the network and its geometry.
+        device, dtype: where and in which precision it runs.
+        tile: None, "auto" or a size (see ``score_maps``); ``max_memory`` alone implies "auto".
+        max_memory: the budget for "auto" (bytes or "2GB").
+        tile_batch: tiles of the same size run together (None: as many as the budget allows for "auto"; 1
+            for a fixed tile size, so that memory follows the tile).
+        progress: ``progress(tiles_done, tiles_total)``.
+    """
+
+    def __init__(self, fcn: nn.Module, geometry, device: torch.device, dtype: torch.dtype, tile=None,
+                 max_memory=None, tile_batch: int | None = None,
+                 progress: Callable[[int, int], None] | None = None):
+        from fcnify.tiling import parse_memory, parse_tile
+
+        self.fcn, self.geometry, self.device, self.dtype = fcn, geometry, device, dtype
+        self.tile = parse_tile(tile)
+        if self.tile is None and max_memory is not None:
+            self.tile = "auto"
+        self.budget = parse_memory(max_memory) if max_memory is not None else None
+        self.tile_batch = tile_batch
+        self.progress = progress
+        self._tiled = None
+        self._memory = None
+        self.in_chans = getattr(fcn, "in_chans", None)
+
+    def _run(self, module: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        return _forward(module, batch, self.device, self.dtype)
+
+    def _guarded(self, fn, shape):
+        try:
+            return fn()
+        except InputError:
+            raise
+        except torch.OutOfMemoryError as exc:
+            raise InputError(f"out of memory running an image of {shape[-2]}x{shape[-1]} px",
+                             hint="pass --tile auto --max-memory SIZE, --scale below 1 or --device cpu") from exc
+        except Exception as exc:
+            from fcnify.errors import FcnifyError
+
+            if isinstance(exc, FcnifyError):
+                raise
+            raise InputError(
+                f"the network failed on a {shape[-2]}x{shape[-1]} image: {type(exc).__name__}: "
+                f"{(str(exc).splitlines() or [''])[0][:200]}",
+                hint="check that the model's channels and input size match the images") from exc
+
+    def logits(self, image: torch.Tensor) -> torch.Tensor:
+        """K×h×w float32 logits of one C×H×W image (tiled when asked to; then equal to one pass)."""
+        return self._guarded(lambda: self._logits(image), image.shape)
+
+    def _logits(self, image: torch.Tensor) -> torch.Tensor:
+        from fcnify.tiling import choose_tile, split_for_tiling, tiled_logits
+
+        if self.tile is None:
+            return self._run(self.fcn, image[None])[0]
+        if self._tiled is None:
+            self._tiled = split_for_tiling(self.fcn, self.geometry, self.in_chans or image.shape[0])
+        size = (int(image.shape[1]), int(image.shape[2]))
+        batch = self.tile_batch or 1
+        if self.tile == "auto":
+            from fcnify.tiling import memory_model
+
+            budget = self.budget if self.budget is not None else _available_memory() // 2
+            if self._memory is None:  # one probe per network
+                self._memory = memory_model(self._tiled, image.shape[0], tuple(self.geometry.window))
+            model = self._memory
+            tile = choose_tile(self._tiled, size, budget, image.shape[0], tuple(self.geometry.window), model=model)
+            if tile is None:
+                return self._run(self.fcn, image[None])[0]
+            if self.tile_batch is None:  # spend what is left of the budget on running tiles together
+                while batch < 16 and model.tile_bytes(tile, batch + 1) <= budget * 0.8:
+                    batch += 1
+        else:
+            tile = self.tile
+        return tiled_logits(self._tiled, image, tile, self._run, batch, self.progress)[0]
+
+    def score_map(self, item, labels: Sequence[str], scales=None, combine: str = "mean") -> ScoreMap:
+        """The ``ScoreMap`` of one ``PreparedImage`` (or C×H×W tensor), over a pyramid when ``scales``."""
+        prepared = _as_prepared(item)
+        labels = tuple(str(v) for v in labels)
+        if scales:
+            from fcnify.multiscale import multiscale_map
+
+            return multiscale_map(self.logits, prepared, self.geometry, labels, scales, combine)
+        logits = self.logits(prepared.tensor)
+        if logits.shape[0] != len(labels):
+            raise InputError(f"the network gives {logits.shape[0]} classes but there are {len(labels)} labels",
+                             hint="the labels do not belong to this model")
+        return ScoreMap(logits=logits.contiguous(), labels=labels, image_size=prepared.original_size,
+                        padded=prepared.padded, **_image_geometry(self.geometry, prepared))

@@ -12,18 +12,17 @@ import io
 import json
 import logging
 import os
-import tempfile
 import zipfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from fcnify.atomic import atomic_output
 from fcnify.convert import FullyConvolutionalNet
 from fcnify.convert.geometry import Geometry
-from fcnify.errors import ExportError, ModelLoadError, OutputError, UnsafeModelError
+from fcnify.errors import ExportError, ModelLoadError, UnsafeModelError
 
 _logger = logging.getLogger(__name__)
 
@@ -59,31 +58,6 @@ class ModelMetadata:
             std=tuple(data["std"]), labels=tuple(data["labels"]), geometry=Geometry.from_dict(data["geometry"]),
             source=str(data.get("source", "")), fcnify_version=str(data.get("fcnify_version", "")),
         )
-
-
-@contextmanager
-def atomic_output(path: Path, force: bool = False):
-    """Yield a temp path beside ``path``; rename it into place only if the block succeeds."""
-    path = Path(path)
-    if path.exists() and not force:
-        raise OutputError(f"{path} already exists", hint="pass --force to overwrite it, or choose another -o")
-    if path.is_dir():
-        raise OutputError(f"{path} is a directory", hint="give a file name")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputError(f"the folder {parent} does not exist", hint="create it first or choose another -o")
-    try:
-        # Hidden, and ending in the real suffix (torch.export checks it): ".name.XXXX.tmp.pt2".
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=parent)
-    except OSError as exc:
-        raise OutputError(f"cannot write to {parent}: {exc.strerror}", hint="choose a writable folder") from exc
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def export_program(fcn: FullyConvolutionalNet) -> torch.export.ExportedProgram:

@@ -7,6 +7,7 @@ corrupt, non-image files, decompression bombs) with an ``InputError``, and appli
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -85,27 +86,40 @@ def read_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror}", hint="check the file's permissions") from exc
 
-    with _PIL_LOCK:
+    return _decode(path, path, limit)
+
+
+def read_image_bytes(data: bytes, name: str, max_pixels: int | None = None) -> Image.Image:
+    """``read_image`` for an image already in memory (e.g. fetched from ``s3://``); ``name`` labels errors."""
+    limit = DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
+    if not data:
+        raise InputError(f"{name} is empty (0 bytes)", hint="the file was not written completely")
+    return _decode(io.BytesIO(data), name, limit)
+
+
+def _decode(source, name, limit: int) -> Image.Image:
+    """Decode fully under the pixel limit with truncated images refused, then apply EXIF orientation."""
+    with _PIL_LOCK:  # Pillow's limits are globals: change them only under the lock, and restore them
         old_limit, old_truncated = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
         Image.MAX_IMAGE_PIXELS = limit or None
         ImageFile.LOAD_TRUNCATED_IMAGES = False
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image = _open_and_load(path, limit)
+                image = _open_and_load(source, name, limit)
         finally:
             Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = old_limit, old_truncated
     try:
         image = ImageOps.exif_transpose(image)
     except Exception as exc:  # a broken EXIF block must not lose the image
-        _logger.warning("%s: ignoring unreadable EXIF orientation (%s)", path, exc)
+        _logger.warning("%s: ignoring unreadable EXIF orientation (%s)", name, exc)
     return image
 
 
-def _open_and_load(path: Path, limit: int) -> Image.Image:
+def _open_and_load(source, path, limit: int) -> Image.Image:
     pixels = None
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             pixels = image.width * image.height
             if limit and pixels > limit:
                 raise _bomb_error(path, pixels, limit)

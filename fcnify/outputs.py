@@ -21,17 +21,18 @@ import difflib
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from fcnify.atomic import temp_beside
 from fcnify.errors import FcnifyError, InputError, OutputError
 
 __all__ = [
-    "ClassPeak", "HeatmapOptions", "SummaryRow", "output_stems", "resolve_classes", "run_images", "write_outputs",
+    "ClassPeak", "HeatmapOptions", "SummaryRow", "expected_outputs", "output_stems", "process_images",
+    "resolve_classes", "run_images", "start_run", "top_peaks", "write_outputs",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -54,6 +55,12 @@ class HeatmapOptions:
         batch_size: images of the same size evaluated together.
         overwrite: replace existing outputs (otherwise an existing output is an ``OutputError``).
         dpi: resolution of ``<stem>.classes.png``.
+        tile: None (one pass), a tile size (768 or "768x1024") or "auto": exact tiled inference
+            (``fcnify.tiling``), memory following the tile.
+        max_memory: the budget for ``tile="auto"`` ("2GB"); alone it implies ``tile="auto"``.
+        output_stride: a finer output stride dividing the network's (dilation rewrite), None: native.
+        scales: an image pyramid (e.g. (0.5, 1, 2)), combined on the grid of scale 1 (``fcnify.multiscale``).
+        combine: "mean" or "max" of the scales' probabilities.
     """
 
     outdir: Path
@@ -68,6 +75,11 @@ class HeatmapOptions:
     batch_size: int = 8
     overwrite: bool = True
     dpi: int = 100
+    tile: str | int | None = None
+    max_memory: str | None = None
+    output_stride: int | None = None
+    scales: tuple = ()
+    combine: str = "mean"
 
     def validate(self) -> None:
         """Raise ``InputError`` for option values that can never work (before any image is read)."""
@@ -84,6 +96,9 @@ class HeatmapOptions:
             raise InputError(f"--batch-size {self.batch_size} must be at least 1", hint="e.g. --batch-size 8")
         if self.max_pixels is not None and int(self.max_pixels) < 0:
             raise InputError(f"--max-pixels {self.max_pixels} is negative", hint="pass 0 for no limit")
+        from fcnify.dense import check_dense_options
+
+        check_dense_options(self.tile, self.max_memory, self.scales or None, self.combine, self.output_stride)
 
 
 @dataclass(frozen=True)
@@ -110,6 +125,8 @@ class SummaryRow:
         padded: the image was smaller than the window and was padded.
         top: the top-k classes by peak probability.
         outputs: the files written.
+        skipped: a resumed job found the outputs complete and did not redo them (``top`` is read back from
+            the ``scores.npz``).
     """
 
     path: str
@@ -120,6 +137,7 @@ class SummaryRow:
     padded: bool = False
     top: tuple[ClassPeak, ...] = ()
     outputs: tuple[str, ...] = field(default_factory=tuple)
+    skipped: bool = False
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -183,14 +201,9 @@ class _Staged:
             raise OutputError(f"{target} already exists", hint="pass --force to overwrite it, or another -o")
         if target.is_dir():
             raise OutputError(f"{target} is a directory", hint="choose another output folder")
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        except OSError as exc:
-            raise OutputError(f"cannot write to {target.parent}: {exc.strerror}",
-                              hint="choose a writable output folder") from exc
-        os.close(fd)
-        self.pending.append((Path(tmp), target))
-        return Path(tmp)
+        tmp = temp_beside(target)
+        self.pending.append((tmp, target))
+        return tmp
 
     def commit(self) -> list[Path]:
         placed: list[Path] = []
@@ -257,6 +270,7 @@ def write_outputs(score_map, image, stem: str | os.PathLike, options: HeatmapOpt
     if classes is None:
         classes = resolve_classes(options.classes, score_map.labels)
     chosen = list(classes) or score_map.top_classes(1)
+    targets = expected_outputs(stem, options.outdir, chosen, score_map.labels)
     base = Path(options.outdir) / Path(stem)
     try:
         base.parent.mkdir(parents=True, exist_ok=True)
@@ -269,18 +283,8 @@ def write_outputs(score_map, image, stem: str | os.PathLike, options: HeatmapOpt
     scores = score_map.scores.numpy()
     staged = _Staged(options.overwrite)
     written: dict[str, Path] = {}
-    used_names: set[str] = set()
     try:
-        for k in chosen:
-            label = score_map.labels[k]
-            if len(chosen) == 1:
-                key, target = "heatmap", base.with_name(base.name + ".heatmap.png")
-            else:
-                name = _safe_name(label)
-                if name in used_names:
-                    name = f"{name}_{k}"
-                used_names.add(name)
-                key, target = f"heatmap:{label}", base.with_name(f"{base.name}.heatmap.{name}.png")
+        for k, (key, target) in zip(chosen, list(targets.items())[:len(chosen)], strict=True):
             heat = upsample_to_image(scores[k], score_map, score_map.image_size)
             blended = overlay(rgb, heat, options.cmap, options.alpha)
             tmp = staged.path(target)
@@ -288,20 +292,21 @@ def write_outputs(score_map, image, stem: str | os.PathLike, options: HeatmapOpt
                 Image.fromarray(blended, mode="RGB").save(f, format="PNG")
             written[key] = target
 
-        target = base.with_name(base.name + ".classes.png")
+        target = targets["classes"]
         tmp = staged.path(target)
         figure = classes_figure(score_map, rgb, options.top_k, options.cmap, dpi=options.dpi)
         with open(tmp, "wb") as f:
             figure.savefig(f, format="png", dpi=options.dpi)
         written["classes"] = target
 
-        target = base.with_name(base.name + ".scores.npz")
+        target = targets["scores"]
         tmp = staged.path(target)
         with open(tmp, "wb") as f:
             np.savez_compressed(
                 f, scores=scores.astype(np.float32), logits=score_map.logits.numpy().astype(np.float32),
                 labels=np.asarray([str(v) for v in score_map.labels], dtype=np.str_),
                 image_size=np.asarray(score_map.image_size, dtype=np.int64), **_geometry_arrays(score_map),
+                **{key: np.asarray(value) for key, value in score_map.extra.items()},  # e.g. per-scale maps
             )
         written["scores"] = target
         staged.commit()
@@ -313,13 +318,38 @@ def write_outputs(score_map, image, stem: str | os.PathLike, options: HeatmapOpt
     return written
 
 
+def expected_outputs(stem: str | os.PathLike, outdir: str | os.PathLike, classes: Sequence[int],
+                     labels: Sequence[str]) -> dict[str, Path]:
+    """The files ``write_outputs`` writes for ``stem`` when drawing ``classes`` (none: the top class, whose
+    heatmap is ``<stem>.heatmap.png`` whichever class it is), keyed as in its result, heatmaps first."""
+    base = Path(outdir) / Path(stem)
+    chosen = list(classes) or [None]
+    targets: dict[str, Path] = {}
+    used_names: set[str] = set()
+    for k in chosen:
+        if len(chosen) == 1:
+            targets["heatmap"] = base.with_name(base.name + ".heatmap.png")
+            continue
+        label = str(labels[k])
+        name = _safe_name(label)
+        if name in used_names:
+            name = f"{name}_{k}"
+        used_names.add(name)
+        targets[f"heatmap:{label}"] = base.with_name(f"{base.name}.heatmap.{name}.png")
+    targets["classes"] = base.with_name(base.name + ".classes.png")
+    targets["scores"] = base.with_name(base.name + ".scores.npz")
+    return targets
+
+
 # -------------------------------------------------------------------------------------------------- loop
 
 
 def output_stems(paths: Sequence[str | os.PathLike]) -> list[str]:
     """Output names (without suffixes) for input paths: the file's stem, or, when several inputs share a
     stem, the stem under its folder relative to the inputs' common parent (``a/photo``, ``b/photo``)."""
-    resolved = [Path(os.path.abspath(p)) for p in paths]
+    # A URI's stem and folders come from its bucket and key ("s3://b/a/x.png" -> /b/a/x.png), not the cwd.
+    resolved = [Path("/" + str(p).split("://", 1)[1]) if "://" in str(p) else Path(os.path.abspath(p))
+                for p in paths]
     stems = [p.stem for p in resolved]
     counts: dict[str, int] = {}
     for stem in stems:
@@ -364,7 +394,8 @@ def _error_row(path, exc: FcnifyError, **extra) -> SummaryRow:
 
 
 def run_images(paths: Sequence[str | os.PathLike], fcn, geometry, loaded_meta, options: HeatmapOptions,
-               progress: Callable[[str], None] | None = None) -> list[SummaryRow]:
+               progress: Callable[[str], None] | None = None, stems: Sequence[str] | None = None,
+               read: Callable | None = None) -> list[SummaryRow]:
     """Heatmaps for every path, one summary row each, in input order.
 
     Each image is read, prepared, evaluated (batched with others of the same size) and written; a bad
@@ -378,24 +409,58 @@ def run_images(paths: Sequence[str | os.PathLike], fcn, geometry, loaded_meta, o
         loaded_meta: anything with ``in_chans``, ``mean``, ``std`` and ``labels`` (a ``LoadedModel``).
         options: the ``HeatmapOptions``.
         progress: called with each path once it is done (ok or not).
+        stems: the output names (default: ``output_stems(paths)``); an engine that splits a job passes the
+            names computed over all of its inputs.
+        read: ``read(path, max_pixels) -> PIL image`` (default: ``images.read_image``).
 
     Raises:
         InputError: bad options, an unavailable device or precision, an unknown class: nothing would work.
         OutputError: an output folder that cannot be created or written.
     """
-    from fcnify.dense import check_precision, place_model, score_maps, select_device
-    from fcnify.images import prepare, read_image
+    classes, device = start_run(fcn, loaded_meta, options)
+    stems = list(stems) if stems is not None else output_stems(paths)
+    rows: list[SummaryRow] = []
+    for start in range(0, len(paths), options.batch_size):
+        chunk = slice(start, start + options.batch_size)
+        rows += process_images(paths[chunk], stems[chunk], fcn, geometry, loaded_meta, options, classes, device,
+                               read=read, progress=progress)
+    return rows
+
+
+def start_run(fcn, loaded_meta, options: HeatmapOptions) -> tuple[list[int], object]:
+    """What every engine does once before its first image: check the options, resolve the classes, pick
+    and check the device, check the output folder and put the network on the device.
+
+    Returns:
+        (class indices to draw, the ``torch.device``).
+    """
+    from fcnify.dense import check_precision, place_model, select_device
 
     options.validate()
-    labels = tuple(str(v) for v in loaded_meta.labels)
-    classes = resolve_classes(options.classes, labels)
+    classes = resolve_classes(options.classes, tuple(str(v) for v in loaded_meta.labels))
     device = select_device(options.device)
     check_precision(options.precision, device)
-    outdir = Path(options.outdir)
-    _check_outdir(outdir)
+    _check_outdir(Path(options.outdir))
     place_model(fcn, device)
+    return classes, device
+
+
+def process_images(paths: Sequence[str | os.PathLike], stems: Sequence[str], fcn, geometry, loaded_meta,
+                   options: HeatmapOptions, classes: Sequence[int], device, read: Callable | None = None,
+                   progress: Callable[[str], None] | None = None) -> list[SummaryRow]:
+    """The work on one batch of images, shared by every engine: read, prepare, evaluate (images of the same
+    size together), write each image's outputs under its stem; one summary row per path, in order.
+
+    Call ``start_run`` once first (it gives ``classes`` and ``device``). A bad image becomes an error row.
+    """
+    from fcnify.dense import dense_kwargs, score_maps, with_output_stride
+    from fcnify.images import prepare, read_image
+
+    fcn, geometry = with_output_stride(fcn, geometry, options.output_stride)  # cached on fcn after the first
+
+    read = read or read_image
+    labels = tuple(str(v) for v in loaded_meta.labels)
     window = tuple(int(v) for v in geometry.window)
-    stems = output_stems(paths)
     rows: list[SummaryRow | None] = [None] * len(paths)
     top_k = max(1, int(options.top_k))
 
@@ -404,47 +469,51 @@ def run_images(paths: Sequence[str | os.PathLike], fcn, geometry, loaded_meta, o
         if progress is not None:
             progress(str(paths[i]))
 
-    for start in range(0, len(paths), options.batch_size):
-        chunk = range(start, min(start + options.batch_size, len(paths)))
-        loaded: dict[int, tuple] = {}
-        for i in chunk:
-            try:
-                image = read_image(paths[i], options.max_pixels)
-                prepared = prepare(image, loaded_meta.in_chans, loaded_meta.mean, loaded_meta.std,
-                                   scale=options.scale, min_size=window)
-                loaded[i] = (image, prepared)
-            except FcnifyError as exc:
-                _logger.info("%s: %s", paths[i], exc)
-                finish(i, _error_row(paths[i], exc))
-        order = list(loaded)
-        maps: dict[int, object] = {}
+    loaded: dict[int, tuple] = {}
+    for i in range(len(paths)):
         try:
-            results = score_maps(fcn, [loaded[i][1] for i in order], geometry, labels, device,
-                                 options.precision, options.batch_size)
-            maps = dict(zip(order, results, strict=True))
-        except FcnifyError:  # find out which image failed: run them one by one
-            for i in order:
-                try:
-                    maps[i] = score_maps(fcn, [loaded[i][1]], geometry, labels, device, options.precision, 1)[0]
-                except FcnifyError as exc:
-                    finish(i, _error_row(paths[i], exc, image_size=loaded[i][1].original_size))
+            image = read(paths[i], options.max_pixels)
+            prepared = prepare(image, loaded_meta.in_chans, loaded_meta.mean, loaded_meta.std,
+                               scale=options.scale, min_size=window)
+            loaded[i] = (image, prepared)
+        except FcnifyError as exc:
+            _logger.info("%s: %s", paths[i], exc)
+            finish(i, _error_row(paths[i], exc))
+    order = list(loaded)
+    maps: dict[int, object] = {}
+    try:
+        results = score_maps(fcn, [loaded[i][1] for i in order], geometry, labels, device,
+                             options.precision, options.batch_size, **dense_kwargs(options))
+        maps = dict(zip(order, results, strict=True))
+    except FcnifyError:  # find out which image failed: run them one by one
         for i in order:
-            if i not in maps:
-                continue
-            image, prepared = loaded[i]
-            smap = maps[i]
             try:
-                files = write_outputs(smap, image, stems[i], options, classes)
+                maps[i] = score_maps(fcn, [loaded[i][1]], geometry, labels, device, options.precision, 1,
+                                     **dense_kwargs(options))[0]
             except FcnifyError as exc:
-                _logger.info("%s: %s", paths[i], exc)
-                finish(i, _error_row(paths[i], exc, image_size=prepared.original_size, map_size=smap.map_size,
-                                     padded=prepared.padded))
-                continue
-            top = []
-            for k in smap.top_classes(top_k):
-                score, (y, x) = smap.peak(k)
-                top.append(ClassPeak(k, labels[k], score, y, x))
-            finish(i, SummaryRow(path=str(paths[i]), status="ok", image_size=prepared.original_size,
-                                 map_size=smap.map_size, padded=prepared.padded, top=tuple(top),
-                                 outputs=tuple(str(p) for p in files.values())))
+                finish(i, _error_row(paths[i], exc, image_size=loaded[i][1].original_size))
+    for i in order:
+        if i not in maps:
+            continue
+        image, prepared = loaded[i]
+        smap = maps[i]
+        try:
+            files = write_outputs(smap, image, stems[i], options, classes)
+        except FcnifyError as exc:
+            _logger.info("%s: %s", paths[i], exc)
+            finish(i, _error_row(paths[i], exc, image_size=prepared.original_size, map_size=smap.map_size,
+                                 padded=prepared.padded))
+            continue
+        finish(i, SummaryRow(path=str(paths[i]), status="ok", image_size=prepared.original_size,
+                             map_size=smap.map_size, padded=prepared.padded, top=top_peaks(smap, top_k),
+                             outputs=tuple(str(p) for p in files.values())))
     return rows  # type: ignore[return-value]
+
+
+def top_peaks(score_map, top_k: int) -> tuple[ClassPeak, ...]:
+    """The ``top_k`` classes of a ``ScoreMap`` by peak probability, with where they peak (image pixels)."""
+    top = []
+    for k in score_map.top_classes(max(1, int(top_k))):
+        score, (y, x) = score_map.peak(k)
+        top.append(ClassPeak(k, str(score_map.labels[k]), score, y, x))
+    return tuple(top)

@@ -15,6 +15,14 @@ from typer.testing import CliRunner
 from fcnify.cli import app
 
 runner = CliRunner()
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_images"
 
 
@@ -134,7 +142,13 @@ def test_heatmap_goes_on_past_a_bad_image_and_reports_it(tmp_path):
     result = invoke("heatmap", SAMPLES / "digits_scene_2.png", bad, tmp_path / "missing.png", "-o", out)
     assert_clean_error(result, 1, "2 of 3 images failed", "broken.png")
     assert sorted(p.name for p in out.iterdir()) == [
-        "digits_scene_2.classes.png", "digits_scene_2.heatmap.png", "digits_scene_2.scores.npz"]
+        "digits_scene_2.classes.png", "digits_scene_2.heatmap.png", "digits_scene_2.scores.npz", "summary.parquet"]
+    import pyarrow.parquet as pq
+
+    summary = pq.read_table(out / "summary.parquet").to_pylist()
+    assert [row["status"] for row in sorted(summary, key=lambda r: r["index"])] == ["ok", "error", "error"]
+    mode = (out / "digits_scene_2.heatmap.png").stat().st_mode & 0o777
+    assert mode == 0o666 & ~_umask(), oct(mode)  # readable by others as the umask allows, not mkstemp's 0600
 
 
 def test_heatmap_bad_options(tmp_path):
@@ -143,4 +157,5 @@ def test_heatmap_bad_options(tmp_path):
     assert_clean_error(invoke("heatmap", scene, "--precision", "fp16", "--device", "cpu", "-o", tmp_path), 1, "fp16")
     assert_clean_error(invoke("heatmap", scene, "--max-pixels", "100", "-o", tmp_path / "o"), 1, "--max-pixels")
     assert_clean_error(invoke("heatmap", "-o", tmp_path), 1, "no images")
-    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
+    # Refused before any image: nothing of an image is written (the summary records the failure).
+    assert not (tmp_path / "o").exists() or {p.name for p in (tmp_path / "o").iterdir()} <= {"summary.parquet"}
