@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import os
 import platform
 import random
@@ -130,11 +129,11 @@ def bench_dense(cfg, report: list[str], results: dict) -> None:
             torch.manual_seed(size)
             x = torch.randn(1, 3, size, size)
             with torch.inference_mode():
-                t_dense = timed(lambda: fcn(x), cfg["repeats"])
-                t_body = timed(lambda: body(x), cfg["repeats"])
+                t_dense = timed(lambda f=fcn, x=x: f(x), cfg["repeats"])
+                t_body = timed(lambda f=body, x=x: f(x), cfg["repeats"])
                 crops = crops_of(x, 224, 32, "unfold")
                 n = crops.shape[0]
-                t_batch = timed(lambda: model(crops[:16]), 1)  # 16 crops
+                t_batch = timed(lambda f=model, c=crops: f(c[:16]), 1)  # 16 crops
                 estimate = t_batch * n / 16
                 if estimate <= cfg["crop_budget_s"]:
                     start = time.perf_counter()
@@ -290,9 +289,9 @@ def bench_stride(cfg, report: list[str], results: dict) -> None:
             for size in sizes:
                 x = torch.randn(1, 3, size, size)
                 with torch.inference_mode():
-                    t_native = timed(lambda: fcn(x), cfg["repeats"])
-                    t_dil = timed(lambda: fine(x), cfg["repeats"])
-                    t_sas = timed(lambda: shift_and_stitch(fcn, x, 32, S), max(1, cfg["repeats"] - 1))
+                    t_native = timed(lambda f=fcn, x=x: f(x), cfg["repeats"])
+                    t_dil = timed(lambda f=fine, x=x: f(x), cfg["repeats"])
+                    t_sas = timed(lambda f=fcn, x=x, s=S: shift_and_stitch(f, x, 32, s), max(1, cfg["repeats"] - 1))
                     native, dense = fcn(x), fine(x)
                 h, w = native.shape[-2:]
                 err = float((dense[:, :, ::k, ::k][:, :, :h, :w] - native).abs().max() / native.abs().max())
@@ -337,8 +336,8 @@ def bench_onnx(cfg, report: list[str], results: dict, threads: int) -> None:
         for size in cfg["onnx_sizes"]:
             x = torch.randn(1, 3, size, size)
             with torch.inference_mode():
-                t_pt = timed(lambda: fcn(x), cfg["repeats"])
-                t_ort = timed(lambda: net(x), cfg["repeats"])
+                t_pt = timed(lambda x=x: fcn(x), cfg["repeats"])
+                t_ort = timed(lambda x=x: net(x), cfg["repeats"])
             results.setdefault("onnx", []).append({"size": size, "pytorch_s": t_pt, "ort_s": t_ort})
             report.append(f"| {size} | {fmt_s(t_pt)} | {fmt_s(t_ort)} | {t_ort / t_pt:.2f} |")
     report.append("")
@@ -372,7 +371,7 @@ def bench_cuda(cfg, report: list[str], results: dict, quick: bool) -> None:
                 net = fcn.to(memory_format=fmt)
                 xi = x.contiguous(memory_format=fmt)
 
-                def step():
+                def step(net=net, xi=xi, dtype=dtype):
                     with torch.inference_mode(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
                         net(xi)
                     torch.cuda.synchronize()
@@ -387,6 +386,20 @@ def bench_cuda(cfg, report: list[str], results: dict, quick: bool) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ main
+
+
+def bench_engines(report: list[str], results: dict, quick: bool) -> None:
+    """Images per second: the local engine vs Ray Data with 1 and 2 actors (issue: batch and distributed runs)."""
+    if quick:  # starting Ray costs more than the rest of --quick; tests/test_ray.py covers the engine itself
+        return
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import engines
+
+    rows = engines.run(quick=False)
+    results["engines"] = rows
+    report += ["## Engines: local loop vs Ray Data", "",
+               "The same `fcnify heatmap` job (digits model) over a folder of large scenes, one run each; Ray's "
+               "time includes starting its actors and loading the model in each.", "", engines.markdown(rows), ""]
 
 
 def machine(threads: int) -> list[str]:
@@ -411,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-o", "--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="also write the raw figures as JSON")
-    parser.add_argument("--only", default="dense,tiling,stride,onnx,cuda", help="comma-separated sections")
+    parser.add_argument("--only", default="dense,tiling,stride,onnx,engines,cuda", help="comma-separated sections")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
     parser.add_argument("--tile", help=argparse.SUPPRESS)
@@ -433,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
              ("tiling", lambda: bench_tiling(cfg, report, results, args.threads)),
              ("stride", lambda: bench_stride(cfg, report, results)),
              ("onnx", lambda: bench_onnx(cfg, report, results, args.threads)),
+             ("engines", lambda: bench_engines(report, results, args.quick)),
              ("cuda", lambda: bench_cuda(cfg, report, results, args.quick))]
     for name, step in steps:
         if name in sections:

@@ -245,18 +245,7 @@ def score_maps(fcn: nn.Module, images: Sequence, geometry, labels: Sequence[str]
         for start in range(0, len(indices), batch_size):
             chunk = indices[start:start + batch_size]
             batch = torch.stack([prepared[i].tensor for i in chunk])
-            try:
-                logits = _forward(fcn, batch, device, dtype)
-            except InputError:
-                raise
-            except torch.OutOfMemoryError as exc:
-                raise InputError(f"out of memory running {len(chunk)} image(s) of {shape[1]}x{shape[2]} px",
-                                 hint="pass --batch-size 1, --scale below 1 or --device cpu") from exc
-            except Exception as exc:
-                raise InputError(
-                    f"the network failed on a {shape[1]}x{shape[2]} image: {type(exc).__name__}: "
-                    f"{(str(exc).splitlines() or [''])[0][:200]}",
-                    hint="check that the model's channels and input size match the images") from exc
+            logits = _guarded(lambda batch=batch: _forward(fcn, batch, device, dtype), batch.shape, len(chunk))
             _logger.debug("ran %d image(s) of %s -> %s", len(chunk), shape, tuple(logits.shape))
             if logits.shape[1] != len(labels):
                 raise InputError(f"the network gives {logits.shape[1]} classes but there are {len(labels)} labels",
@@ -268,6 +257,25 @@ def score_maps(fcn: nn.Module, images: Sequence, geometry, labels: Sequence[str]
                     **_image_geometry(geometry, prepared[i]),
                 )
     return results  # type: ignore[return-value]
+
+
+def _guarded(run: Callable[[], torch.Tensor], shape, images: int = 1) -> torch.Tensor:
+    """Run a forward pass, turning out-of-memory and network failures into one-line ``InputError``s."""
+    from fcnify.errors import FcnifyError
+
+    try:
+        return run()
+    except FcnifyError:
+        raise
+    except torch.OutOfMemoryError as exc:
+        raise InputError(f"out of memory running {images} image(s) of {shape[-2]}x{shape[-1]} px",
+                         hint="pass --batch-size 1, --tile auto --max-memory SIZE, --scale below 1 or "
+                         "--device cpu") from exc
+    except Exception as exc:
+        raise InputError(
+            f"the network failed on a {shape[-2]}x{shape[-1]} image: {type(exc).__name__}: "
+            f"{(str(exc).splitlines() or [''])[0][:200]}",
+            hint="check that the model's channels and input size match the images") from exc
 
 
 def score_map(fcn: nn.Module, image, geometry, labels: Sequence[str], device: torch.device | str = "cpu",
@@ -377,27 +385,9 @@ class DenseEngine:
     def _run(self, module: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         return _forward(module, batch, self.device, self.dtype)
 
-    def _guarded(self, fn, shape):
-        try:
-            return fn()
-        except InputError:
-            raise
-        except torch.OutOfMemoryError as exc:
-            raise InputError(f"out of memory running an image of {shape[-2]}x{shape[-1]} px",
-                             hint="pass --tile auto --max-memory SIZE, --scale below 1 or --device cpu") from exc
-        except Exception as exc:
-            from fcnify.errors import FcnifyError
-
-            if isinstance(exc, FcnifyError):
-                raise
-            raise InputError(
-                f"the network failed on a {shape[-2]}x{shape[-1]} image: {type(exc).__name__}: "
-                f"{(str(exc).splitlines() or [''])[0][:200]}",
-                hint="check that the model's channels and input size match the images") from exc
-
     def logits(self, image: torch.Tensor) -> torch.Tensor:
         """K×h×w float32 logits of one C×H×W image (tiled when asked to; then equal to one pass)."""
-        return self._guarded(lambda: self._logits(image), image.shape)
+        return _guarded(lambda: self._logits(image), image.shape)
 
     def _logits(self, image: torch.Tensor) -> torch.Tensor:
         from fcnify.tiling import choose_tile, split_for_tiling, tiled_logits
