@@ -432,7 +432,7 @@ def _run_local(paths, stems, fcn, geometry, meta, options, resume, progress) -> 
 # -------------------------------------------------------------------------------------------------- Ray
 
 
-def _require_ray():
+def require_ray():
     try:
         import ray
         import ray.data  # noqa: F401
@@ -474,7 +474,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None,
     ``RAY_AUTH_TOKEN`` or ``~/.ray/auth_token``, as for any Ray client); without either, a local Ray is
     started for the job: on 127.0.0.1 only, without a dashboard, and shut down at the end.
     """
-    ray = _require_ray()
+    ray = require_ray()
     if ray.is_initialized():
         yield ray
         return

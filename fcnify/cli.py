@@ -331,9 +331,9 @@ def heatmap(
     ray_options = RayOptions(address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker,
                              cpus_per_worker=cpus_per_worker)
     if engine == "ray":
-        from fcnify.batch import _require_ray
+        from fcnify.batch import require_ray
 
-        _require_ray()  # before loading and converting the model
+        require_ray()  # before loading and converting the model
     loaded = _load(model, weights, arch, input_size, trust_model)
     if loaded.converted:
         fcn, geometry = loaded.module, loaded.geometry

@@ -155,9 +155,9 @@ def test_missing_ray_says_how_to_install_it(monkeypatch, scenes, tmp_path):
     assert result.exit_code == 1
     assert "pip install 'fcnify[ray]'" in result.stderr
     with pytest.raises(FcnifyError) as info:
-        from fcnify.batch import _require_ray
+        from fcnify.batch import require_ray
 
-        _require_ray()
+        require_ray()
     assert info.value.hint == "pip install 'fcnify[ray]'"
 
 
