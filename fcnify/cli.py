@@ -139,7 +139,7 @@ def convert(
 
     loaded = _load(model, weights, arch, input_size, trust_model)
     if loaded.converted:
-        raise FcnifyError(f"{model} is already converted", hint="use 'fcnify export' or 'fcnify heatmap' with it")
+        raise FcnifyError(f"{model} is already converted", hint="use it with 'fcnify heatmap', or check it with 'fcnify verify FILE --against SOURCE'")
     output = output or Path(f"{loaded.name}.fcn.pt2")
     for path in (output, onnx):
         if path is not None and path.exists() and not force:
@@ -216,41 +216,31 @@ def verify(
         if against is None:
             raise FcnifyError(f"{model} is already converted: there is no original to compare with",
                               hint="pass --against MODEL with the spec it was converted from")
+        from fcnify.verify import verify_converted
+
         original = _load(against, weights, arch, input_size or "x".join(map(str, loaded.input_size)), trust_model)
-        from fcnify.verify import check_training_size
-
-        strict, others = check_training_size(original.module, loaded.module, tuple(loaded.input_size),
-                                             loaded.in_chans, samples)
-        if model.endswith(".onnx"):
-            from fcnify.onnx_export import verify_onnx
-
-            agreements = verify_onnx(model, original.module)
-            result = {"onnx_vs_pytorch": [a.to_dict() for a in agreements]}
-            onnx_passed = all(a.passed for a in agreements)
-        else:
-            result, onnx_passed = {}, True
-        report_passed = strict.passed and onnx_passed
-        data = {"passed": report_passed, "strict": vars(strict), "others": [vars(o) for o in others], **result}
-        if as_json:
-            print(json.dumps(data, indent=2, default=str))
-        else:
-            from fcnify.verify import EquivalenceReport
-
-            for t in _report_tables(EquivalenceReport(strict, others, None, loaded.geometry.to_dict())):
-                console.print(t)
-            console.print(_geometry_table(loaded.geometry))
-        if not report_passed:
-            raise typer.Exit(NotEquivalentError.exit_code)
+        onnx_path = model if model.endswith(".onnx") else None
+        report = verify_converted(original.module, loaded.module, loaded.input_size, loaded.in_chans,
+                                  loaded.geometry, samples, onnx_path=onnx_path)
+        _print_report(report, loaded.geometry, as_json)
         return
     fcn = _convert(loaded)
     real = _training_size_images(image or [], loaded, fcn.input_size)
     report = run_verify(loaded.module, fcn, samples=samples, images=real, device=device, dense_cells=cells)
+    _print_report(report, fcn.geometry, as_json)
+
+
+def _print_report(report, geometry, as_json: bool) -> None:
+    """Print a verification (tables or JSON) and exit 3 when it failed."""
     if as_json:
         print(json.dumps(report.to_dict(), indent=2, default=str))
     else:
         for t in _report_tables(report):
             console.print(t)
-        console.print(_geometry_table(fcn.geometry))
+        for a in report.runtime:
+            console.print(f"onnxruntime vs PyTorch at {'x'.join(map(str, a.input_size))}: "
+                          f"max rel error {a.max_rel_error:.2e} ({'pass' if a.passed else 'FAIL'})")
+        console.print(_geometry_table(geometry))
         console.print("[green]equivalent[/]" if report.passed else "[red]NOT equivalent[/]")
     if not report.passed:
         raise typer.Exit(NotEquivalentError.exit_code)

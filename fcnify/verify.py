@@ -73,10 +73,12 @@ class EquivalenceReport:
     others: list[Agreement] = field(default_factory=list)
     dense: DenseAgreement | None = None
     geometry: dict = field(default_factory=dict)
+    runtime: list = field(default_factory=list)  # onnxruntime vs PyTorch agreements, for an .onnx
 
     @property
     def passed(self) -> bool:
-        return self.strict.passed and (self.dense is None or self.dense.passed)
+        return (self.strict.passed and (self.dense is None or self.dense.passed)
+                and all(a.passed for a in self.runtime))
 
     def to_dict(self) -> dict:
         data = {
@@ -85,6 +87,8 @@ class EquivalenceReport:
         }
         if self.dense is not None:
             data["dense"] = asdict(self.dense) | {"label": self.dense.label, "passed": self.dense.passed}
+        if self.runtime:
+            data["onnx_vs_pytorch"] = [a.to_dict() for a in self.runtime]
         return data
 
 
@@ -207,3 +211,25 @@ def verify(model: nn.Module, fcn: FullyConvolutionalNet, input_size=None, sample
     strict, others = check_training_size(model, fcn, size, fcn.in_chans, samples, images, device, seed)
     dense = check_dense(model, fcn, dense_cells, seed=seed) if dense_cells else None
     return EquivalenceReport(strict, others, dense, fcn.geometry.to_dict())
+
+
+def verify_converted(original: nn.Module, converted: nn.Module, input_size, in_chans: int, geometry,
+                     samples: int = 4, onnx_path=None, seed: int = 0) -> EquivalenceReport:
+    """Check an already converted network (a loaded ``.pt2`` or ``.onnx``) against the original classifier.
+
+    Args:
+        original: the classifier it was converted from.
+        converted: the loaded network (N×C×H×W → N×K×h×w).
+        input_size, in_chans, geometry: from the file's metadata.
+        onnx_path: for an ``.onnx``, also compare onnxruntime with a fresh PyTorch conversion at several sizes.
+    """
+    strict, others = check_training_size(original, converted, tuple(input_size), in_chans, samples, seed=seed)
+    runtime = []
+    if onnx_path is not None:
+        from fcnify.onnx_export import verify_onnx
+
+        # onnxruntime computes in float32 whatever it is given: the float32 figures are the gate.
+        strict, others = others[0], []
+        strict.device = "cpu (onnxruntime)"
+        runtime = verify_onnx(onnx_path, original)
+    return EquivalenceReport(strict, others, None, geometry.to_dict(), runtime)

@@ -159,3 +159,24 @@ def test_heatmap_bad_options(tmp_path):
     assert_clean_error(invoke("heatmap", "-o", tmp_path), 1, "no images")
     # Refused before any image: nothing of an image is written (the summary records the failure).
     assert not (tmp_path / "o").exists() or {p.name for p in (tmp_path / "o").iterdir()} <= {"summary.parquet"}
+
+
+def test_onnx_from_convert_verifies_against_its_source_and_draws_the_same_heatmap(tmp_path, weights):
+    pt2, onnx = tmp_path / "s.pt2", tmp_path / "s.onnx"
+    result = invoke("convert", weights, "--arch", "nets:small_cnn", "--input-size", "20x24", "-o", pt2, "--onnx", onnx)
+    assert result.exit_code == 0, result.output
+    checked = invoke("verify", onnx, "--against", weights, "--arch", "nets:small_cnn", "--json")
+    assert checked.exit_code == 0, checked.output
+    report = json.loads(checked.stdout)
+    assert report["strict"]["max_rel_error"] < 1e-5 and len(report["onnx_vs_pytorch"]) >= 3
+    assert all(a["passed"] for a in report["onnx_vs_pytorch"])
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (61, 75, 3), dtype=np.uint8)).save(image)
+    maps = {}
+    for model in (pt2, onnx):
+        out = tmp_path / model.suffix[1:]
+        assert invoke("heatmap", image, "--model", model, "-o", out).exit_code == 0
+        with np.load(out / "photo.scores.npz", allow_pickle=False) as npz:
+            maps[model.suffix] = npz["scores"]
+    assert maps[".pt2"].shape == (5, 21, 26)
+    assert np.abs(maps[".pt2"] - maps[".onnx"]).max() <= 1e-4
