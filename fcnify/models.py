@@ -210,6 +210,8 @@ def _safe_torch_load(path: Path):
             blocked = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
         except Exception:
             blocked = []
+        # The model's own classes say most about the file; torch's follow. Sorted, so the message is stable.
+        blocked = sorted(blocked, key=lambda name: (name.startswith("torch."), name))
         if blocked or "weights_only" in str(exc) or "Unsupported global" in str(exc):
             names = ", ".join(blocked[:4]) or "unknown globals"
             raise UnsafeModelError(

@@ -95,7 +95,7 @@ def test_pickled_payload_is_refused_naming_what_blocks_it(tmp_path):
 def test_pickled_module_needs_trust_and_then_converts(tmp_path):
     path = tmp_path / "whole.pt"
     torch.save(small_cnn(), path)
-    with pytest.raises(fcnify.UnsafeModelError, match=r"needs torch\.nn\..*run code"):
+    with pytest.raises(fcnify.UnsafeModelError, match=r"needs nets\.FlattenStyleNet, torch\.nn\..*run code"):
         load_model(str(path))
     loaded = load_model(str(path), trust_model=True, input_size="20x24")
     assert loaded.module(torch.randn(1, 3, 20, 24)).shape == (1, 5)
