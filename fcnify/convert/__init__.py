@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
 
 import torch
 import torch.fx
@@ -67,11 +66,6 @@ class FullyConvolutionalNet(nn.Module):
         g = self.geometry
         extent = [min(w, r) for w, r in zip(g.window, g.receptive_field)]
         return ((height - extent[0]) // g.stride[0] + 1, (width - extent[1]) // g.stride[1] + 1)
-
-
-@dataclass(frozen=True)
-class _Example:
-    tensor: torch.Tensor
 
 
 def parse_input_size(value) -> tuple[int, int]:

@@ -15,9 +15,8 @@ import enum
 from dataclasses import dataclass
 
 import torch.fx
-from torch import nn
 
-from fcnify.convert.ops import RESHAPE_NAMES, keepdim, node_arg, op_name, reduction_dims
+from fcnify.convert.ops import RESHAPE_NAMES, keepdim, op_name, reduction_dims
 from fcnify.convert.trace import shape_of
 
 
@@ -63,15 +62,13 @@ def _is_tensor_valued(node: torch.fx.Node) -> bool:
     return "tensor_meta" in node.meta and not isinstance(node.meta["tensor_meta"], (int, float))
 
 
-def _adaptive_target(node: torch.fx.Node, modules, in_hw, out_hw) -> tuple[str, bool]:
-    """(body rewrite or '' for a size-fixing pool, whether it's a global pool)."""
+def _adaptive_body_rewrite(in_hw, out_hw) -> str:
+    """How an adaptive pool stays spatial: 'identity', 'pool' (a whole-number downscale), or '' (size-fixing)."""
     if out_hw == in_hw:
-        return "identity", False
-    if out_hw == (1, 1):
-        return "", True
-    if all(o > 0 and i % o == 0 for i, o in zip(in_hw, out_hw)):
-        return "pool", False
-    return "", False
+        return "identity"
+    if out_hw != (1, 1) and all(o > 0 and i % o == 0 for i, o in zip(in_hw, out_hw)):
+        return "pool"
+    return ""
 
 
 def _spatial_op(node: torch.fx.Node, name: str, src: NodeInfo, in_shape, out_shape, modules) -> NodeInfo:
@@ -86,7 +83,7 @@ def _spatial_op(node: torch.fx.Node, name: str, src: NodeInfo, in_shape, out_sha
     dims = src.spatial_dims or (len(in_shape) - 2, len(in_shape) - 1)
     in_hw = (in_shape[dims[0]], in_shape[dims[1]])
     if name in ("adaptive_avg_pool2d", "adaptive_max_pool2d"):
-        rewrite, _ = _adaptive_target(node, modules, in_hw, tuple(out_shape[-2:]))
+        rewrite = _adaptive_body_rewrite(in_hw, tuple(out_shape[-2:]))
         if rewrite:
             return NodeInfo(Kind.SPATIAL, name, dims, body_rewrite=rewrite)
         return fixed
@@ -170,12 +167,3 @@ def analyse(gm: torch.fx.GraphModule) -> Analysis:
             for user in node.users
         )
     return Analysis(info)
-
-
-def node_arg_shape(node, index: int, name: str):
-    value = node_arg(node, index, name)
-    return shape_of(value) if isinstance(value, torch.fx.Node) else None
-
-
-def module_of(node: torch.fx.Node, modules: dict[str, nn.Module]) -> nn.Module | None:
-    return modules.get(node.target) if node.op == "call_module" else None
