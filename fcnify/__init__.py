@@ -46,7 +46,7 @@ def __getattr__(name: str):
 
         return score_map
     if name == "render_heatmap":
-        from fcnify.render import overlay
+        from fcnify.heatmap.render import overlay
 
         return overlay
     raise AttributeError(f"module 'fcnify' has no attribute {name!r}")

@@ -248,22 +248,42 @@ def _print_report(report, geometry, as_json: bool) -> None:
 
 def _heatmap_table(rows) -> Table:
     table = Table(title="Dense class maps")
-    for column in ("image", "size", "map", "top classes (peak score @ y, x px)"):
+    for column in ("image", "size", "map", "tiles (bg)", "top classes (peak @ window centre y, x px)"):
         table.add_column(column)
     for row in rows:
         if row.status != "ok":
-            table.add_row(row.path, "-", "-", f"[red]{row.error}[/]")
+            table.add_row(row.path, "-", "-", "-", f"[red]{row.error}[/]")
             continue
         top = ", ".join(f"{p.label} {p.score:.2f} @ {p.y:.0f},{p.x:.0f}" for p in row.top)
         size = f"{row.image_size[0]}×{row.image_size[1]}" + (" (padded)" if row.padded else "")
-        table.add_row(row.path, size, f"{row.map_size[0]}×{row.map_size[1]}", top)
+        tiles = "done earlier" if row.skipped else f"{row.tiles} ({row.tiles_background})"
+        table.add_row(row.path, size, f"{row.map_size[0]}×{row.map_size[1]}", tiles, top)
     return table
+
+
+class _TileBar:
+    """A Rich progress bar per image over its tiles: computed and background tiles, ETA."""
+
+    def __init__(self, progress):
+        self.progress = progress
+        self.tasks: dict[str, int] = {}
+
+    def __call__(self, state) -> None:
+        task = self.tasks.get(state.path)
+        text = f"{Path(state.path).name}: {state.computed}/{state.todo} computed, {state.background} background"
+        if state.resumed:
+            text += f", {state.resumed} done earlier"
+        if task is None:
+            self.tasks[state.path] = self.progress.add_task(text, total=max(1, state.todo))
+            return
+        self.progress.update(task, completed=state.computed, description=text)
 
 
 @app.command()
 @_reports_errors
 def heatmap(
-    images: Annotated[list[str] | None, typer.Argument(help="Image files, folders (recursive) or glob patterns.")] = None,
+    images: Annotated[list[str] | None, typer.Argument(
+        help="Images or slides (PNG, JPEG, TIFF, SVS, OME-TIFF, …), folders (recursive) or glob patterns.")] = None,
     model: Annotated[str, typer.Option("--model", "-m", help="Model spec (as for convert) or a .pt2/.onnx.")] = "digits",
     outdir: Annotated[Path, typer.Option("-o", "--outdir", help="Output folder.")] = Path("fcnify-out"),
     manifest: Annotated[Path | None, typer.Option("--manifest", help="A .txt, .csv or .parquet list of images.")] = None,
@@ -271,16 +291,27 @@ def heatmap(
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="Classes in <stem>.classes.png.")] = 4,
     cmap: Annotated[str, typer.Option("--cmap", help="A matplotlib colormap.")] = "inferno",
     alpha: Annotated[float, typer.Option("--alpha", min=0.0, max=1.0, help="Heatmap opacity.")] = 0.5,
-    scale: Annotated[float, typer.Option("--scale", min=0.01, help="Resize images by this factor first.")] = 1.0,
+    level: Annotated[int | None, typer.Option("--level", min=0, help="Pyramid level to compute at (0: full resolution).")] = None,
+    mpp: Annotated[float | None, typer.Option(
+        "--mpp", help="Compute at this many µm per pixel (nearest finer level, resampled).")] = None,
+    scale: Annotated[float, typer.Option("--scale", min=0.01, help="Resize ordinary images by this factor first.")] = 1.0,
+    foreground: Annotated[str, typer.Option(
+        "--foreground", help="auto: skip a flat white/black background (NaN there); all: compute every cell.")] = "auto",
+    scores: Annotated[str, typer.Option(
+        "--scores", help="Score file: auto (zarr for slides and big maps, else npz), npz or zarr.")] = "auto",
+    scores_dtype: Annotated[str, typer.Option("--scores-dtype", help="float32 or float16 (zarr).")] = "float32",
+    preview_size: Annotated[int, typer.Option("--preview-size", min=16, help="Longest side of the previews.")] = 4096,
     max_pixels: Annotated[int | None, typer.Option("--max-pixels", min=0,
-                                                   help="Refuse larger images (0: no limit).")] = None,
+                                                   help="Refuse larger ordinary images (0: no limit).")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")] = "auto",
     precision: Annotated[str, typer.Option("--precision", help="fp32, fp16 (GPU) or bf16.")] = "fp32",
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Same-size images per batch.")] = 8,
+    runtime: Annotated[str, typer.Option(
+        "--runtime", help="auto, torch or onnxruntime (auto: onnxruntime for big CPU jobs).")] = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Same-size tiles per batch.")] = 8,
     tile: Annotated[str | None, typer.Option(
-        "--tile", help="Exact tiled inference: tile size in px (768 or 768x1024) or 'auto' (see --max-memory).")] = None,
+        "--tile", help="Tile size in px (768 or 768x1024) or 'auto' (default: from --max-memory).")] = None,
     max_memory: Annotated[str | None, typer.Option(
-        "--max-memory", help="Memory budget for --tile auto, e.g. 2GB (alone it implies --tile auto).")] = None,
+        "--max-memory", help="Memory for a tile's working set, e.g. 2GB (default 1GB).")] = None,
     output_stride: Annotated[int | None, typer.Option(
         "--output-stride", min=1, help="Finer map: a divisor of the network's stride (dilation rewrite).")] = None,
     scales: Annotated[str | None, typer.Option(
@@ -292,18 +323,19 @@ def heatmap(
     workers: Annotated[int, typer.Option("--workers", min=1, help="Ray actors, each with one copy of the model.")] = 1,
     gpus_per_worker: Annotated[float, typer.Option("--gpus-per-worker", min=0.0, help="GPUs per Ray actor.")] = 0.0,
     cpus_per_worker: Annotated[float, typer.Option("--cpus-per-worker", min=0.01, help="CPUs per Ray actor.")] = 1.0,
-    resume: Annotated[bool, typer.Option("--resume", help="Skip images whose outputs are complete; redo the rest.")] = False,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Skip images whose outputs are complete; go on with partly computed slides.")] = False,
     input_size: SizeOpt = None,
     weights: WeightsOpt = "default",
     arch: ArchOpt = None,
     trust_model: TrustOpt = False,
     as_json: JsonOpt = False,
 ):
-    """Compute dense class score maps and heatmaps for images, in one pass each at their own resolution."""
-    from fcnify.batch import ENGINES, RayOptions, run_job
+    """Compute dense class score maps and heatmaps for images and slides, tile by tile in bounded memory."""
+    from fcnify.heatmap.multiscale import parse_scales
+    from fcnify.heatmap.pipeline import HeatmapOptions
+    from fcnify.heatmap.runners import ENGINES, RayOptions, run_job
     from fcnify.inputs import expand_inputs, read_manifest
-    from fcnify.multiscale import parse_scales
-    from fcnify.outputs import HeatmapOptions
 
     items = list(images or [])
     paths = expand_inputs(items) if items else []
@@ -314,50 +346,59 @@ def heatmap(
     options = HeatmapOptions(outdir=outdir, classes=tuple(classes or ()), top_k=top_k, cmap=cmap, alpha=alpha,
                              scale=scale, max_pixels=max_pixels, device=device, precision=precision,
                              batch_size=batch_size, tile=tile, max_memory=max_memory, output_stride=output_stride,
-                             scales=tuple(parse_scales(scales)) if scales else (), combine=combine)
+                             scales=tuple(parse_scales(scales)) if scales else (), combine=combine, level=level,
+                             mpp=mpp, foreground=foreground, scores=scores, scores_dtype=scores_dtype,
+                             preview_size=preview_size, runtime=runtime)
     options.validate()
     if engine not in ENGINES:
         raise FcnifyError(f"unknown engine {engine!r}", hint="use --engine local or --engine ray")
     ray_options = RayOptions(address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker,
                              cpus_per_worker=cpus_per_worker)
     if engine == "ray":
-        from fcnify.batch import require_ray
+        from fcnify.heatmap.runners import require_ray
 
         require_ray()  # before loading and converting the model
     loaded = _load(model, weights, arch, input_size, trust_model)
+    metadata = None
     if loaded.converted:
         fcn, geometry = loaded.module, loaded.geometry
     else:
         fcn = _convert(loaded)
         geometry = fcn.geometry
+        metadata = _metadata(loaded, fcn)
+        loaded.module = None  # the original classifier is not needed any more: free its memory
     model_file = model if model.endswith((".pt2", ".onnx")) and Path(model).is_file() else None
     job = {"engine": engine, "ray_options": ray_options, "resume": resume, "model_file": model_file,
-           "trust_model": trust_model}
-    if as_json or len(paths) == 1 or engine == "ray":  # Ray Data shows its own progress bars
+           "trust_model": trust_model, "metadata": metadata}
+    if as_json or engine == "ray":  # Ray Data shows its own progress bars
         result = run_job(paths, fcn, geometry, loaded, options, **job)
     else:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeRemainingColumn(), console=err_console, transient=True) as progress:
-            task = progress.add_task("images", total=len(paths))
-            result = run_job(paths, fcn, geometry, loaded, options, progress=lambda _path: progress.advance(task),
-                             **job)
+            result = run_job(paths, fcn, geometry, loaded, options, progress=_TileBar(progress), **job)
     rows, failed = result.rows, result.failed
+    megapixels = sum(row.megapixels for row in rows if row.status == "ok" and not row.skipped)
+    tiles = sum(row.tiles for row in rows if not row.skipped)
+    background = sum(row.tiles_background for row in rows if not row.skipped)
     counts = {"ok": len(rows) - len(failed), "errors": len(failed), "skipped": result.skipped,
               "processed": result.processed, "seconds": round(result.seconds, 3),
               "images_per_second": round(result.images_per_second, 3), "engine": result.engine,
+              "megapixels_per_second": round(megapixels / result.seconds, 3) if result.seconds > 0 else None,
+              "background_fraction": round(background / tiles, 4) if tiles else None,
               "summary": str(result.summary) if result.summary else None}
     if as_json:
         print(json.dumps({"outdir": str(outdir), "rows": [row.to_dict() for row in rows], **counts,
                           "cluster": result.cluster}, indent=2, default=str))
     else:
         console.print(_heatmap_table(rows))
+        bg = f", {counts['background_fraction']:.0%} of tiles skipped as background" if tiles else ""
         console.print(f"{counts['ok']} ok ({result.skipped} skipped as complete), {len(failed)} failed; "
-                      f"{result.processed} images in {result.seconds:.1f} s = {result.images_per_second:.2f} "
-                      f"images/s ({engine} engine)")
-        console.print(f"outputs in {outdir}/: <stem>.heatmap.png, <stem>.classes.png, <stem>.scores.npz, "
-                      f"{'summary.parquet' if result.summary else 'no summary.parquet (needs pyarrow)'}")
+                      f"{result.processed} images, {megapixels:.1f} Mpx in {result.seconds:.1f} s = "
+                      f"{counts['megapixels_per_second'] or 0:.2f} Mpx/s{bg} ({engine} engine)")
+        console.print(f"outputs in {outdir}/: <stem>.heatmap.png, <stem>.classes.png, <stem>.scores.npz or "
+                      f".scores.zarr, <stem>.mask.png (with a background), summary.parquet")
     for row in failed:
         err_console.print(f"[bold red]error:[/] {row.path}: {row.error}", highlight=False, soft_wrap=True)
     if failed:

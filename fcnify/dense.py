@@ -9,83 +9,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from functools import cached_property
 
 import torch
 from torch import nn
 
 from fcnify.errors import InputError
+from fcnify.heatmap.scoremap import ScoreMap
 
-__all__ = ["PRECISIONS", "DenseEngine", "ScoreMap", "check_dense_options", "place_model", "score_map", "score_maps",
-           "dense_kwargs", "select_device", "with_output_stride"]
+__all__ = ["PRECISIONS", "ScoreMap", "check_precision", "place_model", "score_map", "score_maps", "select_device",
+           "with_output_stride"]
 
 _logger = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEVICES = ("auto", "cpu", "cuda", "mps")
-
-
-@dataclass
-class ScoreMap:
-    """The dense class scores of one image.
-
-    Cell (i, j) is the classifier applied to the window of size ``window`` whose top-left corner is
-    ``offset + (i, j) * stride``, all (y, x) in the original image's pixels (floats when the image was
-    resized by a scale other than 1, ints otherwise).
-
-    Attributes:
-        logits: K×h×w float32 tensor on the CPU.
-        labels: the K class names.
-        stride, offset, window: the map's geometry in image pixels.
-        image_size: the original image's (height, width).
-        padded: the image was padded up to the window before evaluation.
-    """
-
-    logits: torch.Tensor
-    labels: tuple[str, ...]
-    stride: tuple[float, float]
-    offset: tuple[float, float]
-    window: tuple[float, float]
-    image_size: tuple[int, int]
-    padded: bool = False
-    extra: dict = field(default_factory=dict, repr=False)
-
-    @property
-    def map_size(self) -> tuple[int, int]:
-        return (int(self.logits.shape[-2]), int(self.logits.shape[-1]))
-
-    @cached_property
-    def scores(self) -> torch.Tensor:
-        """Softmax probabilities over the K classes, K×h×w float32."""
-        return torch.softmax(self.logits.float(), dim=0)
-
-    @cached_property
-    def _peaks(self) -> tuple[torch.Tensor, torch.Tensor]:
-        flat = self.scores.flatten(1)
-        return flat.max(dim=1)
-
-    def window_centre(self, i: int, j: int) -> tuple[float, float]:
-        """Centre of cell (i, j)'s window in image pixels (pixel-edge coordinates: pixel p spans [p, p+1))."""
-        return (self.offset[0] + i * self.stride[0] + self.window[0] / 2,
-                self.offset[1] + j * self.stride[1] + self.window[1] / 2)
-
-    def peak(self, k: int) -> tuple[float, tuple[float, float]]:
-        """Class ``k``'s highest probability and where: the window centre of its best cell, in image pixels."""
-        values, indices = self._peaks
-        index = int(indices[k])
-        i, j = divmod(index, self.map_size[1])
-        return float(values[k]), self.window_centre(i, j)
-
-    def top_classes(self, n: int) -> list[int]:
-        """The ``n`` class indices with the highest peak probability, best first."""
-        values, _ = self._peaks
-        order = torch.argsort(values, descending=True, stable=True)
-        return [int(k) for k in order[: max(0, n)]]
-
-    def argmax_map(self) -> torch.Tensor:
-        """h×w int64: the most probable class of each cell."""
-        return self.logits.argmax(dim=0)
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -200,10 +137,11 @@ def _image_geometry(geometry, prepared) -> dict:
 
 
 def score_maps(fcn: nn.Module, images: Sequence, geometry, labels: Sequence[str],
-               device: torch.device | str = "cpu", precision: str = "fp32", batch_size: int = 8, *,
-               tile=None, max_memory=None, scales: Sequence[float] | None = None, combine: str = "mean",
-               progress: Callable[[int, int], None] | None = None) -> list[ScoreMap]:
-    """Dense class scores of several images, in order; images of the same size are batched together.
+               device: torch.device | str = "cpu", precision: str = "fp32", batch_size: int = 8) -> list[ScoreMap]:
+    """Dense class scores of several images held in memory, one pass each; images of the same size are batched.
+
+    This is the library's in-memory primitive (tensors in, score maps out). Images on disk, slides and
+    anything larger than memory go through ``fcnify.heatmap.pipeline``, tile by tile.
 
     Args:
         fcn: any module mapping N×C×H×W to N×K×h×w (a converted network, a loaded ``.pt2`` module). It is
@@ -215,14 +153,6 @@ def score_maps(fcn: nn.Module, images: Sequence, geometry, labels: Sequence[str]
         device: a ``torch.device`` or a name for ``select_device``.
         precision: fp32, fp16 (GPU only) or bf16.
         batch_size: the most images per forward pass.
-        tile: None (one pass), a tile size (768, "768x1024") or "auto": compute each map tile by tile,
-            exactly (``fcnify.tiling``); images then run one at a time.
-        max_memory: a memory budget ("2GB") for ``tile="auto"`` (default: half the available memory); given
-            without ``tile`` it implies ``tile="auto"``.
-        scales: an image pyramid (``fcnify.multiscale``): one map per scale, combined on the grid of scale 1
-            (of the first scale when 1 is not listed).
-        combine: "mean" or "max" of the scales' probabilities.
-        progress: called as ``progress(tiles_done, tiles_total)`` for each tiled image.
 
     Raises:
         InputError: a bad device/precision, a label count that does not match K, a network that fails.
@@ -233,10 +163,6 @@ def score_maps(fcn: nn.Module, images: Sequence, geometry, labels: Sequence[str]
         raise InputError(f"--batch-size {batch_size} must be at least 1", hint="e.g. --batch-size 8")
     prepared = [_as_prepared(item) for item in images]
     place_model(fcn, device)
-    check_dense_options(tile, max_memory, scales, combine)
-    if tile is not None or max_memory is not None or scales:
-        engine = DenseEngine(fcn, geometry, device, dtype, tile, max_memory, progress=progress)
-        return [engine.score_map(item, labels, scales, combine) for item in prepared]
     groups: dict[tuple[int, ...], list[int]] = {}
     for index, item in enumerate(prepared):
         groups.setdefault(tuple(item.tensor.shape), []).append(index)
@@ -269,7 +195,7 @@ def _guarded(run: Callable[[], torch.Tensor], shape, images: int = 1) -> torch.T
         raise
     except torch.OutOfMemoryError as exc:
         raise InputError(f"out of memory running {images} image(s) of {shape[-2]}x{shape[-1]} px",
-                         hint="pass --batch-size 1, --tile auto --max-memory SIZE, --scale below 1 or "
+                         hint="pass --batch-size 1, a smaller --max-memory (smaller tiles), --scale below 1 or "
                          "--device cpu") from exc
     except Exception as exc:
         raise InputError(
@@ -279,34 +205,12 @@ def _guarded(run: Callable[[], torch.Tensor], shape, images: int = 1) -> torch.T
 
 
 def score_map(fcn: nn.Module, image, geometry, labels: Sequence[str], device: torch.device | str = "cpu",
-              precision: str = "fp32", **options) -> ScoreMap:
+              precision: str = "fp32") -> ScoreMap:
     """Dense class scores of one image (a ``PreparedImage`` or a C×H×W tensor); see ``score_maps``."""
-    return score_maps(fcn, [image], geometry, labels, device, precision, batch_size=1, **options)[0]
+    return score_maps(fcn, [image], geometry, labels, device, precision, batch_size=1)[0]
 
 
-# ------------------------------------------------------------------------------ tiles, scales, output stride
-
-
-COMBINES = ("mean", "max")
-
-
-def check_dense_options(tile=None, max_memory=None, scales=None, combine: str = "mean",
-                        output_stride: int | None = None) -> None:
-    """Raise ``InputError`` for tiling, multi-scale and output-stride options that can never work."""
-    from fcnify.tiling import parse_memory, parse_tile
-
-    parse_tile(tile)
-    if max_memory is not None:
-        parse_memory(max_memory)
-    if scales is not None:
-        from fcnify.multiscale import parse_scales
-
-        parse_scales(scales)
-    if combine not in COMBINES:
-        raise InputError(f"--combine {combine!r} is not one of {', '.join(COMBINES)}", hint="e.g. --combine mean")
-    if output_stride is not None and int(output_stride) < 1:
-        raise InputError(f"--output-stride {output_stride} must be a positive integer",
-                         hint="e.g. --output-stride 8 for a stride-32 network")
+# ------------------------------------------------------------------------------------------ output stride
 
 
 def with_output_stride(fcn: nn.Module, geometry, output_stride: int | None):
@@ -332,100 +236,3 @@ def with_output_stride(fcn: nn.Module, geometry, output_stride: int | None):
         cache[int(output_stride)] = dilate(fcn, int(output_stride))
     fine = cache[int(output_stride)]
     return fine, fine.geometry
-
-
-def dense_kwargs(options) -> dict:
-    """The tiling and multi-scale keyword arguments of ``score_maps`` from ``HeatmapOptions``-like options."""
-    return {"tile": getattr(options, "tile", None), "max_memory": getattr(options, "max_memory", None),
-            "scales": tuple(getattr(options, "scales", ()) or ()) or None,
-            "combine": getattr(options, "combine", "mean")}
-
-
-def _available_memory() -> int:
-    """Bytes of memory available to this process now (MemAvailable on Linux), 4 GB when unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 4 * 10**9
-
-
-class DenseEngine:
-    """Logits of one image at a time, one pass or tiled; the multi-scale pyramid runs through it.
-
-    Args:
-        fcn, geometry: the network and its geometry.
-        device, dtype: where and in which precision it runs.
-        tile: None, "auto" or a size (see ``score_maps``); ``max_memory`` alone implies "auto".
-        max_memory: the budget for "auto" (bytes or "2GB").
-        tile_batch: tiles of the same size run together (None: as many as the budget allows for "auto"; 1
-            for a fixed tile size, so that memory follows the tile).
-        progress: ``progress(tiles_done, tiles_total)``.
-    """
-
-    def __init__(self, fcn: nn.Module, geometry, device: torch.device, dtype: torch.dtype, tile=None,
-                 max_memory=None, tile_batch: int | None = None,
-                 progress: Callable[[int, int], None] | None = None):
-        from fcnify.tiling import parse_memory, parse_tile
-
-        self.fcn, self.geometry, self.device, self.dtype = fcn, geometry, device, dtype
-        self.tile = parse_tile(tile)
-        if self.tile is None and max_memory is not None:
-            self.tile = "auto"
-        self.budget = parse_memory(max_memory) if max_memory is not None else None
-        self.tile_batch = tile_batch
-        self.progress = progress
-        self._tiled = None
-        self._memory = None
-        self.in_chans = getattr(fcn, "in_chans", None)
-
-    def _run(self, module: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-        return _forward(module, batch, self.device, self.dtype)
-
-    def logits(self, image: torch.Tensor) -> torch.Tensor:
-        """K×h×w float32 logits of one C×H×W image (tiled when asked to; then equal to one pass)."""
-        return _guarded(lambda: self._logits(image), image.shape)
-
-    def _logits(self, image: torch.Tensor) -> torch.Tensor:
-        from fcnify.tiling import choose_tile, split_for_tiling, tiled_logits
-
-        if self.tile is None:
-            return self._run(self.fcn, image[None])[0]
-        if self._tiled is None:
-            self._tiled = split_for_tiling(self.fcn, self.geometry, self.in_chans or image.shape[0])
-        size = (int(image.shape[1]), int(image.shape[2]))
-        batch = self.tile_batch or 1
-        if self.tile == "auto":
-            from fcnify.tiling import memory_model
-
-            budget = self.budget if self.budget is not None else _available_memory() // 2
-            if self._memory is None:  # one probe per network
-                self._memory = memory_model(self._tiled, image.shape[0], tuple(self.geometry.window))
-            model = self._memory
-            tile = choose_tile(self._tiled, size, budget, image.shape[0], tuple(self.geometry.window), model=model)
-            if tile is None:
-                return self._run(self.fcn, image[None])[0]
-            if self.tile_batch is None:  # spend what is left of the budget on running tiles together
-                while batch < 16 and model.tile_bytes(tile, batch + 1) <= budget * 0.8:
-                    batch += 1
-        else:
-            tile = self.tile
-        return tiled_logits(self._tiled, image, tile, self._run, batch, self.progress)[0]
-
-    def score_map(self, item, labels: Sequence[str], scales=None, combine: str = "mean") -> ScoreMap:
-        """The ``ScoreMap`` of one ``PreparedImage`` (or C×H×W tensor), over a pyramid when ``scales``."""
-        prepared = _as_prepared(item)
-        labels = tuple(str(v) for v in labels)
-        if scales:
-            from fcnify.multiscale import multiscale_map
-
-            return multiscale_map(self.logits, prepared, self.geometry, labels, scales, combine)
-        logits = self.logits(prepared.tensor)
-        if logits.shape[0] != len(labels):
-            raise InputError(f"the network gives {logits.shape[0]} classes but there are {len(labels)} labels",
-                             hint="the labels do not belong to this model")
-        return ScoreMap(logits=logits.contiguous(), labels=labels, image_size=prepared.original_size,
-                        padded=prepared.padded, **_image_geometry(self.geometry, prepared))

@@ -25,7 +25,8 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from fcnify.errors import InputError
 
 __all__ = [
-    "DEFAULT_MAX_PIXELS", "IMAGE_EXTENSIONS", "PreparedImage", "display_rgb", "is_image_path", "prepare", "read_image",
+    "DEFAULT_MAX_PIXELS", "IMAGE_EXTENSIONS", "PreparedImage", "display_rgb", "fetch_uri", "is_image_path", "prepare",
+    "read_any", "read_image",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -142,6 +143,36 @@ def _open_and_load(source, path, limit: int) -> Image.Image:
                          hint="the file is damaged or incomplete; re-export or re-download it") from exc
     except MemoryError as exc:
         raise InputError(f"{path} is too large to decode in memory", hint="pass --scale or a smaller image") from exc
+
+
+def fetch_uri(uri: str) -> bytes:
+    """The bytes of a file any pyarrow filesystem reads (``s3://``, ``gs://``, ``hdfs://``, ``file://``…)."""
+    import pyarrow.fs
+
+    try:
+        fs, inner = pyarrow.fs.FileSystem.from_uri(uri)
+        info = fs.get_file_info(inner)
+        if info.type == pyarrow.fs.FileType.NotFound:
+            raise InputError(f"no such image: {uri}", hint="check the URI")
+        if info.type == pyarrow.fs.FileType.Directory:
+            raise InputError(f"{uri} is a folder, not an image", hint="list its images in a --manifest")
+        with fs.open_input_file(inner) as f:
+            return f.read()
+    except InputError:
+        raise
+    except Exception as exc:  # pyarrow raises OSError, ArrowInvalid (ValueError), ArrowNotImplementedError…
+        detail = (str(exc).splitlines() or [""])[0][:200]
+        raise InputError(f"cannot read {uri}: {type(exc).__name__}: {detail}",
+                         hint="check the URI and the credentials pyarrow uses for its filesystem") from exc
+
+
+def read_any(source: str | os.PathLike, max_pixels: int | None = None):
+    """``images.read_image`` for a local path; for a URI, its bytes read with pyarrow and decoded in memory
+    with the same checks (pixel limit, truncated or corrupt files, EXIF orientation). Nothing is written."""
+    source = str(source)
+    if "://" not in source:
+        return read_image(source, max_pixels)
+    return read_image_bytes(fetch_uri(source), source, max_pixels)
 
 
 @dataclass(frozen=True)

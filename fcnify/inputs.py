@@ -9,6 +9,11 @@ from pathlib import Path
 from fcnify.errors import InputError
 from fcnify.images import IMAGE_EXTENSIONS
 
+#: Whole-slide and tiled formats read through tifffile or openslide (``heatmap.sources``).
+SLIDE_EXTENSIONS = frozenset({".svs", ".ndpi", ".scn", ".bif", ".qptiff", ".btf", ".tf8", ".mrxs", ".vms", ".vmu",
+                              ".svslide"})
+READABLE_EXTENSIONS = IMAGE_EXTENSIONS | SLIDE_EXTENSIONS
+
 
 def expand_inputs(items: list[str]) -> list[str]:
     """Files as given (missing ones too: they become error rows), folders recursively, globs expanded.
@@ -19,10 +24,10 @@ def expand_inputs(items: list[str]) -> list[str]:
     for item in items:
         path = Path(item)
         if path.is_dir():
-            found = sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            found = sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in READABLE_EXTENSIONS)
             if not found:
                 raise InputError(f"the folder {item} holds no image files",
-                                 hint=f"fcnify reads {', '.join(sorted(IMAGE_EXTENSIONS)[:8])}, …")
+                                 hint=f"fcnify reads {', '.join(sorted(READABLE_EXTENSIONS)[:8])}, …")
             paths.extend(found)
         elif not path.exists() and glob.has_magic(item):
             found = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))

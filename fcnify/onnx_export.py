@@ -401,6 +401,9 @@ class OnnxNet(nn.Module):
         providers: the execution providers of the session.
     """
 
+    #: Shapes cannot be worked out with fake tensors: they come from the geometry.
+    runs_outside_torch = True
+
     def __init__(self, source: str | os.PathLike | bytes, device: str | None = None,
                  metadata: ModelMetadata | None = None, session=None):
         super().__init__()
@@ -428,8 +431,8 @@ class OnnxNet(nn.Module):
         return torch.from_numpy(out).to(device=x.device, dtype=dtype)
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
-        g = self.geometry
-        return ((height - g.window[0]) // g.stride[0] + 1, (width - g.window[1]) // g.stride[1] + 1)
+        """The score map's size for an input of ``height`` × ``width`` (``Geometry.map_size``)."""
+        return self.geometry.map_size(height, width)
 
     def to(self, *args, **kwargs) -> OnnxNet:  # noqa: D102 - device and dtype belong to the runtime
         return self

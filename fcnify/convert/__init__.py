@@ -58,14 +58,8 @@ class FullyConvolutionalNet(nn.Module):
         return self.net(x)
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
-        """The score map's size for an input of ``height`` × ``width`` (exact for padding-free networks).
-
-        A network may ignore the last rows of its window (floor-mode pooling): cells then need only the
-        receptive field inside the image, so the count uses the smaller of the two extents.
-        """
-        g = self.geometry
-        extent = [min(w, r) for w, r in zip(g.window, g.receptive_field)]
-        return ((height - extent[0]) // g.stride[0] + 1, (width - extent[1]) // g.stride[1] + 1)
+        """The score map's size for an input of ``height`` × ``width`` (``Geometry.map_size``)."""
+        return self.geometry.map_size(height, width)
 
 
 def parse_input_size(value) -> tuple[int, int]:

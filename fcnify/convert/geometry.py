@@ -57,6 +57,15 @@ class Geometry:
         """Whether every dense cell equals the original classifier on its window (up to rounding)."""
         return not (self.padded or self.global_context or self.size_dependent_padding or self.notes)
 
+    def map_size(self, height: int, width: int) -> tuple[int, int]:
+        """Cells of the score map for an input of ``height`` × ``width`` (exact for padding-free networks).
+
+        A network may ignore the last rows of its window (floor-mode pooling): cells then need only the
+        receptive field inside the image, so the count uses the smaller of the two extents.
+        """
+        extent = [min(w, r) for w, r in zip(self.window, self.receptive_field)]
+        return tuple(max(0, (size - e) // s + 1) for size, e, s in zip((height, width), extent, self.stride))
+
     def window_origin(self, i: int, j: int) -> tuple[int, int]:
         return (self.offset[0] + i * self.stride[0], self.offset[1] + j * self.stride[1])
 

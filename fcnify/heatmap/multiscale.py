@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from fcnify.errors import InputError
+from fcnify.heatmap.scoremap import ScoreMap
 
 __all__ = ["multiscale_map", "parse_scales", "reference_scale", "resample_to"]
 
@@ -107,8 +108,6 @@ def multiscale_map(logits_fn: Callable[[torch.Tensor], torch.Tensor], prepared, 
     Raises:
         InputError: no scale gives an image at least the size of the window.
     """
-    from fcnify.dense import ScoreMap
-
     scales = parse_scales(scales)
     if combine not in ("mean", "max"):
         raise InputError(f"--combine {combine!r} is not mean or max", hint="e.g. --combine mean")

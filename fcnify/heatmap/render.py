@@ -1,4 +1,4 @@
-"""Pure rendering helpers: score maps → image-sized heatmaps, colour overlays and a per-class figure.
+"""Pure rendering helpers: a cell map → an image-sized heatmap, colour overlays, colormaps and label colours.
 
 Nothing here reads or writes files. Coordinates follow ``Geometry``: pixel p spans [p, p + 1), cell (i, j)'s
 window starts at ``offset + (i, j) * stride`` and is centred at that plus ``window / 2``.
@@ -6,13 +6,11 @@ window starts at ``offset + (i, j) * stride`` and is centred at that plus ``wind
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from fcnify.errors import InputError
 
-__all__ = ["classes_figure", "colormap", "label_colours", "overlay", "upsample_to_image"]
+__all__ = ["colormap", "label_colours", "overlay", "upsample_to_image"]
 
 
 def _axis_coords(n_cells: int, n_pixels: int, stride: float, offset: float, window: float) -> np.ndarray:
@@ -119,66 +117,3 @@ def label_colours(count: int) -> np.ndarray:
     else:
         base = matplotlib.colormaps["hsv"](np.linspace(0, 1, count, endpoint=False))[:, :3]
     return np.asarray(base, dtype=np.float64)[:count, :3]
-
-
-def classes_figure(score_map, image, top_k: int = 4, cmap: str = "inferno", dpi: int = 100):
-    """A matplotlib ``Figure``: one panel per top-k class and an argmax label map with a legend.
-
-    Each class panel shows the class's probability map (upsampled to the image, over a faded copy of it) with
-    its name, peak probability and a colorbar (0–1), and marks the peak's window centre. The last panel colours
-    each pixel by the most probable class of its nearest cell.
-
-    The figure is built with the object-oriented API on an Agg canvas (no pyplot state, no display needed).
-
-    Args:
-        score_map: a ``fcnify.dense.ScoreMap``.
-        image: a PIL image or an H×W(×3) uint8 array of the original image.
-        top_k: how many classes to show (the classes with the highest peak probability).
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
-
-    cm = colormap(cmap)
-    rgb = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
-    if rgb.ndim == 2:
-        rgb = np.repeat(rgb[:, :, None], 3, axis=2)
-    height, width = score_map.image_size
-    scores = score_map.scores.numpy()
-    classes = score_map.top_classes(max(1, int(top_k)))
-    panels = len(classes) + 1
-    ncols = min(panels, 3)
-    nrows = math.ceil(panels / ncols)
-    aspect = width / max(height, 1)
-    panel_w = 4.0
-    panel_h = max(2.0, min(8.0, panel_w / aspect)) + 0.6
-    fig = Figure(figsize=(panel_w * ncols + 1.0, panel_h * nrows), dpi=dpi, layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    faded = (rgb.astype(np.float32) * 0.35 + 255 * 0.15).astype(np.uint8)
-    for ax, k in zip(axes[: len(classes)], classes, strict=True):
-        heat = upsample_to_image(scores[k], score_map, (height, width))
-        peak, (py, px) = score_map.peak(k)
-        ax.imshow(faded, interpolation="nearest")
-        shown = ax.imshow(heat, cmap=cm, vmin=0.0, vmax=1.0, alpha=0.75, interpolation="nearest")
-        ax.plot([px - 0.5], [py - 0.5], marker="+", color="cyan", markersize=12, mew=2)
-        ax.set_title(f"{score_map.labels[k]}  peak {peak:.3f}", fontsize=10)
-        ax.set_axis_off()
-        fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02, label="probability")
-    label_ax = axes[len(classes)]
-    argmax = score_map.argmax_map().numpy()
-    present = [int(v) for v in np.unique(argmax)]
-    colours = label_colours(len(score_map.labels))
-    label_image = colours[upsample_to_image(argmax.astype(np.float32), score_map, (height, width),
-                                            mode="nearest").astype(np.int64)]
-    label_ax.imshow(rgb, interpolation="nearest")
-    label_ax.imshow(label_image, alpha=0.6, interpolation="nearest")
-    label_ax.set_title("most probable class", fontsize=10)
-    label_ax.set_axis_off()
-    handles = [Patch(color=colours[k], label=score_map.labels[k]) for k in present]
-    label_ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False,
-                    title="class", title_fontsize=8)
-    for ax in axes[panels:]:
-        ax.set_axis_off()
-        ax.set_visible(False)
-    return fig

@@ -1,22 +1,17 @@
-"""Heatmap jobs over many images: the local engine, the Ray Data engine, ``--resume`` and ``summary.parquet``.
+"""Heatmap jobs over many images: the local loop, the Ray Data engine, ``--resume`` and ``summary.parquet``.
 
-Both engines run the same function on each batch of inputs (``run_batch``): skip an input whose outputs are
-complete (when resuming), else read, prepare, evaluate and write it with ``outputs.process_images``. So a job
-gives the same files whichever engine runs it. What differs is only who calls ``run_batch``:
+Both engines run ``pipeline.run_image`` on each input, so a job gives the same files whichever engine runs it.
+What differs is only who calls it:
 
-* ``local``: this process, batch after batch, on its own device;
+* ``local``: this process, image after image, on its own device;
 * ``ray``: a Ray Data pipeline — the inputs (with their output names, computed here over all inputs) become a
-  dataset, and ``map_batches`` runs ``run_batch`` in a pool of actors, each loading the converted network
-  once (shipped as ``.pt2`` bytes through the object store, never re-converted per image).
+  dataset, and ``map_batches`` runs them in a pool of actors, each loading the converted network once
+  (shipped as ``.pt2`` bytes through the object store, never re-converted per image).
 
 Both write ``OUTDIR/summary.parquet`` (``summary_schema``): a single file from the local engine, a folder of
 Parquet files from Ray Data's writer; ``pyarrow.parquet.read_table`` reads either as one table. Rows come in
-completion order: sort by ``index`` for input order.
-
-An input is *complete* (``completed_row``) when every file it would get exists under its final name and its
-``scores.npz`` loads with the model's labels. Outputs are renamed into place only once all of them are
-written, so a leftover temp file (``.<stem>.XXXX.tmp<suffix>``) never counts; a resumed job redoes every input that
-is not complete and gives the complete ones an ``ok`` row with ``skipped`` set, filled from the npz.
+completion order: sort by ``index`` for input order. With ``resume``, an image whose outputs are complete is
+not redone (its row has ``skipped`` set), and a slide whose store is partial goes on from its finished tiles.
 """
 
 from __future__ import annotations
@@ -32,25 +27,23 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
-
 from fcnify.atomic import temp_beside
 from fcnify.errors import FcnifyError, InputError, OutputError
-from fcnify.outputs import (
+from fcnify.heatmap.pipeline import (
     ClassPeak,
     HeatmapOptions,
+    ImageJob,
+    ModelInfo,
     SummaryRow,
-    expected_outputs,
+    TileProgress,
     output_stems,
-    process_images,
     resolve_classes,
-    start_run,
-    top_peaks,
+    run_image,
 )
 
 __all__ = [
-    "ENGINES", "JobResult", "RayOptions", "SUMMARY_NAME", "completed_row", "read_any", "read_summary",
-    "run_batch", "run_job", "summary_schema", "write_summary",
+    "ENGINES", "JobResult", "RayOptions", "SUMMARY_NAME", "read_summary", "run_job", "summary_schema",
+    "write_summary",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -124,138 +117,24 @@ class JobResult:
         return self.processed / self.seconds if self.seconds > 0 else float("nan")
 
 
-@dataclass(frozen=True)
-class _ModelMeta:
-    """What ``process_images`` needs from a ``LoadedModel`` (small and picklable, for the workers)."""
-
-    in_chans: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    labels: tuple[str, ...]
-
-
-# ---------------------------------------------------------------------------------------------- reading
-
-
-def _fetch(uri: str) -> bytes:
-    """The bytes of a file any pyarrow filesystem reads (``s3://``, ``gs://``, ``hdfs://``, ``file://``…)."""
-    import pyarrow.fs
-
-    try:
-        fs, inner = pyarrow.fs.FileSystem.from_uri(uri)
-        info = fs.get_file_info(inner)
-        if info.type == pyarrow.fs.FileType.NotFound:
-            raise InputError(f"no such image: {uri}", hint="check the URI")
-        if info.type == pyarrow.fs.FileType.Directory:
-            raise InputError(f"{uri} is a folder, not an image", hint="list its images in a --manifest")
-        with fs.open_input_file(inner) as f:
-            return f.read()
-    except InputError:
-        raise
-    except Exception as exc:  # pyarrow raises OSError, ArrowInvalid (ValueError), ArrowNotImplementedError…
-        detail = (str(exc).splitlines() or [""])[0][:200]
-        raise InputError(f"cannot read {uri}: {type(exc).__name__}: {detail}",
-                         hint="check the URI and the credentials pyarrow uses for its filesystem") from exc
-
-
-def read_any(source: str | os.PathLike, max_pixels: int | None = None):
-    """``images.read_image`` for a local path; for a URI, its bytes read with pyarrow and decoded in memory
-    with the same checks (pixel limit, truncated or corrupt files, EXIF orientation). Nothing is written."""
-    from fcnify import images
-
-    source = str(source)
-    if "://" not in source:
-        return images.read_image(source, max_pixels)
-    return images.read_image_bytes(_fetch(source), source, max_pixels)
-
-
 def _source(path: str) -> str:
     """Where a worker reads an input: URIs as given, local paths made absolute (a Ray worker's working
     directory is not the driver's)."""
     return path if "://" in path else os.path.abspath(path)
 
 
-# ----------------------------------------------------------------------------------------------- resume
-
-
-def _resized(size: tuple[int, int], scale: float) -> tuple[int, int]:
-    if scale == 1.0:
-        return size
-    return (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
-
-
-def completed_row(path: str, stem: str, options: HeatmapOptions, classes: Sequence[int], labels: Sequence[str],
-                  window: Sequence[int]) -> SummaryRow | None:
-    """The summary row of an input whose outputs are complete, or None when it must be (re)done.
-
-    Complete: every file ``write_outputs`` gives it exists under its final name (a temp file left by an
-    interrupted write has another name) and its ``scores.npz`` loads, for a model with these labels. The
-    row's sizes and top classes are read back from the npz, exactly as the run that wrote it computed them.
-    """
-    import torch
-
-    from fcnify.dense import ScoreMap
-
-    targets = expected_outputs(stem, options.outdir, classes, labels)
-    if not all(target.is_file() for target in targets.values()):
-        return None
-    try:
-        with np.load(targets["scores"], allow_pickle=False) as data:
-            logits = torch.from_numpy(np.asarray(data["logits"], dtype=np.float32))
-            saved = tuple(str(v) for v in data["labels"])
-            geometry = {name: tuple(v.item() for v in data[name]) for name in ("stride", "offset", "window")}
-            image_size = tuple(int(v) for v in data["image_size"])
-    except Exception as exc:  # a damaged or foreign npz: redo the image
-        _logger.info("%s: redoing, %s does not load (%s)", path, targets["scores"], exc)
-        return None
-    if saved != tuple(str(v) for v in labels) or logits.dim() != 3 or logits.shape[0] != len(saved):
-        _logger.info("%s: redoing, %s is from another model", path, targets["scores"])
-        return None
-    resized = _resized(image_size, float(options.scale))
-    padded = resized[0] < int(window[0]) or resized[1] < int(window[1])
-    smap = ScoreMap(logits, saved, image_size=image_size, padded=padded, **geometry)
-    return SummaryRow(path=str(path), status="ok", image_size=image_size, map_size=smap.map_size, padded=padded,
-                      top=top_peaks(smap, options.top_k), outputs=tuple(str(t) for t in targets.values()),
-                      skipped=True)
-
-
-# -------------------------------------------------------------------------------------------- one batch
-
-
-def run_batch(paths: Sequence[str], sources: Sequence[str], stems: Sequence[str], fcn, geometry, meta,
-              options: HeatmapOptions, classes: Sequence[int], device, resume: bool = False,
-              progress: Callable[[str], None] | None = None) -> list[SummaryRow]:
-    """The work on one batch, the same in every engine: one row per input, in order.
-
-    Args:
-        paths: the inputs as the user gave them (the rows' ``path``).
-        sources: where to read them (``_source``: absolute paths or URIs).
-        stems: their output names, computed over the whole job.
-        fcn, geometry, meta: the network, its geometry, and ``in_chans``/``mean``/``std``/``labels``.
-        options: the heatmap options (``outdir`` absolute for Ray workers).
-        classes, device: from ``outputs.start_run``.
-        resume: skip inputs whose outputs are complete (``completed_row``).
-    """
-    rows: list[SummaryRow | None] = [None] * len(paths)
-    todo = list(range(len(paths)))
-    if resume:
-        window = tuple(int(v) for v in geometry.window)
-        labels = tuple(str(v) for v in meta.labels)
-        for i in list(todo):
-            row = completed_row(paths[i], stems[i], options, classes, labels, window)
-            if row is not None:
-                rows[i] = row
-                todo.remove(i)
-                if progress is not None:
-                    progress(paths[i])
-    done = process_images([sources[i] for i in todo], [stems[i] for i in todo], fcn, geometry, meta, options,
-                          classes, device, read=read_any)
-    for i, row in zip(todo, done, strict=True):
-        row.path = str(paths[i])  # the input as given, whichever absolute path the worker read
-        rows[i] = row
-        if progress is not None:
-            progress(paths[i])
-    return rows  # type: ignore[return-value]
+def run_paths(paths: Sequence[str], stems: Sequence[str], job: ImageJob, resume: bool = False,
+              progress: Callable[[TileProgress], None] | None = None,
+              finished: Callable[[SummaryRow], None] | None = None) -> list[SummaryRow]:
+    """``run_image`` for each input, in order; one row each (a bad input is an error row, the loop goes on)."""
+    rows = []
+    for path, stem in zip(paths, stems, strict=True):
+        row = run_image(_source(path), stem, job, resume, progress)
+        row.path = str(path)  # the input as given, whichever absolute path was read
+        rows.append(row)
+        if finished is not None:
+            finished(row)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------- summary
@@ -265,7 +144,8 @@ def summary_schema():
     """The Arrow schema of ``summary.parquet`` (both engines): one row per input.
 
     ``top`` is the top-k classes by peak probability, best first: class index, label, peak probability and
-    the peak cell's window centre (y, x) in the original image's pixels. ``outputs`` are relative to OUTDIR.
+    the peak cell's window centre (y, x) in level-0 pixels. ``outputs`` are relative to OUTDIR. The tile
+    columns count the image's tiles: computed now, skipped as background, and done by an earlier run.
     """
     import pyarrow as pa
 
@@ -277,6 +157,12 @@ def summary_schema():
         ("image_height", pa.int64()), ("image_width", pa.int64()),
         ("map_height", pa.int64()), ("map_width", pa.int64()), ("padded", pa.bool_()),
         ("top", pa.list_(peak)), ("outputs", pa.list_(pa.string())),
+        ("level", pa.int64()), ("downsample", pa.float64()), ("mpp", pa.float64()),
+        ("tiles", pa.int64()), ("tiles_computed", pa.int64()), ("tiles_background", pa.int64()),
+        ("tiles_resumed", pa.int64()), ("background_fraction", pa.float64()), ("seconds", pa.float64()),
+        ("megapixels", pa.float64()), ("runtime", pa.string()), ("scores_format", pa.string()),
+        ("mean", pa.list_(pa.float64())), ("std", pa.list_(pa.float64())),
+        ("preprocessing_source", pa.string()),
     ])
 
 
@@ -285,6 +171,10 @@ def _relative(path: str, outdir: Path) -> str:
         return Path(path).relative_to(outdir).as_posix()
     except ValueError:
         return Path(os.path.abspath(path)).relative_to(os.path.abspath(outdir)).as_posix()
+
+
+_COUNTS = ("level", "downsample", "mpp", "tiles", "tiles_computed", "tiles_background", "tiles_resumed",
+           "background_fraction", "seconds", "megapixels", "runtime", "scores_format")
 
 
 def rows_to_table(rows: Sequence[SummaryRow], indices: Sequence[int], stems: Sequence[str], outdir):
@@ -303,6 +193,10 @@ def rows_to_table(rows: Sequence[SummaryRow], indices: Sequence[int], stems: Seq
             "top": [{"class_index": p.index, "label": p.label, "score": float(p.score), "y": float(p.y),
                      "x": float(p.x)} for p in row.top],
             "outputs": [_relative(p, outdir) for p in row.outputs],
+            **{name: getattr(row, name) for name in _COUNTS},
+            "mean": list(row.preprocessing.get("mean") or []) or None,
+            "std": list(row.preprocessing.get("std") or []) or None,
+            "preprocessing_source": row.preprocessing.get("source"),
         }
         for name, value in values.items():
             columns[name].append(value)
@@ -317,10 +211,12 @@ def table_to_rows(table, outdir) -> tuple[list[int], list[SummaryRow]]:
         size = (r["image_height"], r["image_width"]) if r["image_height"] is not None else None
         cells = (r["map_height"], r["map_width"]) if r["map_height"] is not None else None
         top = tuple(ClassPeak(p["class_index"], p["label"], p["score"], p["y"], p["x"]) for p in r["top"] or [])
+        counts = {name: r[name] for name in _COUNTS if r.get(name) is not None}
         rows.append(SummaryRow(path=r["path"], status=r["status"], error=r["error"], image_size=size,
                                map_size=cells, padded=bool(r["padded"]), top=top,
                                outputs=tuple(str(Path(outdir) / p) for p in r["outputs"] or []),
-                               skipped=bool(r["skipped"])))
+                               skipped=bool(r["skipped"]), **counts,
+                               preprocessing={"mean": r["mean"], "std": r["std"], "source": r["preprocessing_source"]}))
     return [r["index"] for r in records], rows
 
 
@@ -362,35 +258,29 @@ def read_summary(outdir):
     return table.sort_by("index")
 
 
-def _have_pyarrow() -> bool:
-    try:
-        import pyarrow  # noqa: F401
-        import pyarrow.parquet  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 # ------------------------------------------------------------------------------------------------- jobs
 
 
 def run_job(paths: Sequence[str], fcn, geometry, loaded, options: HeatmapOptions, engine: str = "local",
             ray_options: RayOptions | None = None, resume: bool = False,
-            progress: Callable[[str], None] | None = None, model_file: str | os.PathLike | None = None,
-            trust_model: bool = False) -> JobResult:
+            progress: Callable[[TileProgress], None] | None = None,
+            finished: Callable[[SummaryRow], None] | None = None, model_file: str | os.PathLike | None = None,
+            trust_model: bool = False, metadata=None) -> JobResult:
     """Heatmaps for every input with the chosen engine, and ``OUTDIR/summary.parquet``.
 
     Args:
-        paths: inputs (local paths or, on Ray and locally, URIs pyarrow reads).
+        paths: inputs (local paths or URIs pyarrow reads).
         fcn, geometry: the converted network and its geometry.
         loaded: the ``LoadedModel`` (for ``in_chans``, ``mean``, ``std``, ``labels``, ``source``).
         options: the heatmap options.
         engine: ``local`` or ``ray``.
         ray_options: the Ray engine's options.
-        resume: skip inputs whose outputs are complete.
-        progress: called with each input once it is done (local engine; Ray shows its own progress bars).
+        resume: skip inputs whose outputs are complete; go on with partial slide stores.
+        progress: called after each tile of each image (local engine; Ray shows its own progress bars).
+        finished: called with each input's row once it is done (local engine).
         model_file: the ``.pt2``/``.onnx`` the network came from, shipped to Ray workers as it is.
         trust_model: the workers may load a ``.pt2`` holding pickles or compiled code (as on the driver).
+        metadata: the network's ``ModelMetadata`` (lets ``--runtime`` export it to ONNX in memory).
 
     Raises:
         InputError: bad options, an unknown engine; FcnifyError: Ray missing or failing as a whole.
@@ -400,33 +290,18 @@ def run_job(paths: Sequence[str], fcn, geometry, loaded, options: HeatmapOptions
     options.validate()
     paths = [str(p) for p in paths]
     stems = output_stems(paths)  # once, over all inputs: every engine and worker uses the same names
-    meta = _ModelMeta(int(loaded.in_chans), tuple(loaded.mean), tuple(loaded.std),
-                      tuple(str(v) for v in loaded.labels))
+    model = ModelInfo.of(loaded)
     if engine == "local":
-        return _run_local(paths, stems, fcn, geometry, meta, options, resume, progress)
+        job = ImageJob(fcn, geometry, model, options, metadata)
+        start = time.perf_counter()
+        rows = run_paths(paths, stems, job, resume, progress, finished)
+        seconds = time.perf_counter() - start
+        summary = write_summary(rows_to_table(rows, range(len(rows)), stems, options.outdir), options.outdir)
+        return JobResult(rows, "local", seconds, sum(1 for row in rows if not row.skipped), summary)
     ray_options = ray_options or RayOptions()
     ray_options.validate()
-    return _run_ray(paths, stems, fcn, geometry, loaded, meta, options, ray_options, resume, model_file,
+    return _run_ray(paths, stems, fcn, geometry, loaded, model, options, ray_options, resume, model_file,
                     trust_model)
-
-
-def _run_local(paths, stems, fcn, geometry, meta, options, resume, progress) -> JobResult:
-    classes, device = start_run(fcn, meta, options)
-    start = time.perf_counter()
-    rows: list[SummaryRow] = []
-    for first in range(0, len(paths), options.batch_size):
-        chunk = slice(first, first + options.batch_size)
-        sources = [_source(p) for p in paths[chunk]]
-        rows += run_batch(paths[chunk], sources, stems[chunk], fcn, geometry, meta, options, classes, device,
-                          resume=resume, progress=progress)
-    seconds = time.perf_counter() - start
-    summary = None
-    if _have_pyarrow():
-        summary = write_summary(rows_to_table(rows, range(len(rows)), stems, options.outdir), options.outdir)
-    else:
-        _logger.warning("pyarrow is not installed: no %s written (pip install pyarrow)", SUMMARY_NAME)
-    processed = sum(1 for row in rows if not row.skipped)
-    return JobResult(rows, "local", seconds, processed, summary)
 
 
 # -------------------------------------------------------------------------------------------------- Ray
@@ -527,9 +402,9 @@ def _ship_model(ray, fcn, loaded, model_file, workdir: Path) -> dict:
 
 
 class _Predictor:
-    """A Ray Data actor: loads the network once, then runs ``run_batch`` on each batch of inputs."""
+    """A Ray Data actor: loads the network once, then runs ``run_image`` on each input of its batches."""
 
-    def __init__(self, model: dict, geometry, meta: _ModelMeta, options: HeatmapOptions, resume: bool,
+    def __init__(self, model: dict, geometry, info: ModelInfo, options: HeatmapOptions, resume: bool,
                  trust_model: bool):
         import ray
 
@@ -542,19 +417,17 @@ class _Predictor:
                 path = Path(tmp) / f"model{model['suffix']}"
                 path.write_bytes(data)
                 loaded = load_model(str(path), trust_model=trust_model)
-            self.fcn = loaded.module
-            self.geometry = loaded.geometry or geometry
+            fcn, geometry = loaded.module, loaded.geometry or geometry
         else:
-            self.fcn, self.geometry = data, geometry
-        self.meta, self.options, self.resume = meta, options, resume
-        self.classes, self.device = start_run(self.fcn, meta, options)
+            fcn = data
+        self.job = ImageJob(fcn, geometry, info, options)
+        self.resume = resume
 
     def __call__(self, batch):
         paths = [str(v) for v in batch.column("path").to_pylist()]
-        rows = run_batch(paths, batch.column("source").to_pylist(), batch.column("stem").to_pylist(), self.fcn,
-                         self.geometry, self.meta, self.options, self.classes, self.device, resume=self.resume)
+        rows = run_paths(paths, batch.column("stem").to_pylist(), self.job, self.resume)
         return rows_to_table(rows, batch.column("index").to_pylist(), batch.column("stem").to_pylist(),
-                             self.options.outdir)
+                             self.job.options.outdir)
 
 
 def _cause(exc: BaseException) -> BaseException:
@@ -570,8 +443,8 @@ def _cause(exc: BaseException) -> BaseException:
     return exc
 
 
-def _run_ray(paths, stems, fcn, geometry, loaded, meta, options, ray_options: RayOptions, resume, model_file,
-             trust_model) -> JobResult:
+def _run_ray(paths, stems, fcn, geometry, loaded, info: ModelInfo, options, ray_options: RayOptions, resume,
+             model_file, trust_model) -> JobResult:
     import torch
 
     from fcnify.dense import check_precision
@@ -582,7 +455,7 @@ def _run_ray(paths, stems, fcn, geometry, loaded, meta, options, ray_options: Ra
                          hint="pass --gpus-per-worker 1 (or a fraction), or --device cpu")
     if ray_options.gpus_per_worker == 0 and options.precision == "fp16":
         check_precision("fp16", torch.device("cpu"))
-    resolve_classes(options.classes, meta.labels)  # an unknown class: fail before starting Ray
+    resolve_classes(options.classes, info.labels)  # an unknown class: fail before starting Ray
     outdir_given = Path(options.outdir)
     outdir = Path(os.path.abspath(outdir_given))
     outdir.mkdir(parents=True, exist_ok=True)
@@ -593,7 +466,7 @@ def _run_ray(paths, stems, fcn, geometry, loaded, meta, options, ray_options: Ra
         import ray.data
 
         model = _ship_model(ray, fcn, loaded, model_file, Path(tmp))
-        items = [{"index": i, "path": p, "source": _source(p), "stem": s}
+        items = [{"index": i, "path": p, "stem": s}
                  for i, (p, s) in enumerate(zip(paths, stems, strict=True))]
         # About one block per batch, and at least one per actor, so that every actor gets work.
         blocks = max(1, min(len(items), max(ray_options.workers, math.ceil(len(items) / options.batch_size))))
@@ -605,7 +478,7 @@ def _run_ray(paths, stems, fcn, geometry, loaded, meta, options, ray_options: Ra
         try:
             ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
                 _Predictor,
-                fn_constructor_kwargs={"model": model, "geometry": geometry, "meta": meta,
+                fn_constructor_kwargs={"model": model, "geometry": geometry, "info": info,
                                        "options": worker_options, "resume": resume, "trust_model": trust_model},
                 batch_size=options.batch_size, batch_format="pyarrow",
                 compute=ray.data.ActorPoolStrategy(size=ray_options.workers),

@@ -1,0 +1,282 @@
+"""Compute: tiles through the network, their cells' class probabilities out.
+
+A reader thread reads and decodes the next tiles into a bounded queue while the network runs on the current
+ones (decoding JPEG tiles and running convolutions both release the GIL), tiles of the same size run together
+in batches, and each tile's kept cells leave as a K×h×w float32 probability block with the background cells
+set to NaN. The network runs in PyTorch or, where it is exact and faster, onnxruntime (``choose_runtime``).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import tempfile
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from fcnify.dense import _forward, _guarded, check_precision, place_model, select_device
+from fcnify.errors import FcnifyError, InputError
+from fcnify.heatmap.plan import ForegroundMask, NetworkBounds, Tile, TilePlan
+
+__all__ = ["RUNTIMES", "PeakTracker", "TileNetwork", "choose_runtime", "compute_tiles", "read_tiles", "to_model_input"]
+
+_logger = logging.getLogger(__name__)
+
+RUNTIMES = ("auto", "torch", "onnxruntime")
+#: ``--runtime auto`` exports to onnxruntime on the CPU for jobs of at least this many input pixels: below
+#: it, the export and its equivalence check (seconds) cost more than onnxruntime saves.
+AUTO_ONNX_PIXELS = 64_000_000
+
+
+def to_model_input(rgb: np.ndarray, in_chans: int, mean: torch.Tensor, std: torch.Tensor,
+                   canvas: tuple[int, int] | None = None) -> torch.Tensor:
+    """An H×W×3 uint8 region as a normalised C×H×W float32 tensor, zero-padded (the mean colour) to ``canvas``.
+
+    One channel is Pillow's ITU-R 601-2 luma (``Image.convert("L")``, the same integer arithmetic), so a grey
+    image gives back its grey values exactly.
+    """
+    if in_chans == 1:
+        r, g, b = (rgb[..., c].astype(np.uint32) for c in range(3))
+        rgb = ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).astype(np.uint8)[..., None]
+    elif in_chans != 3:
+        raise InputError(f"models with {in_chans} input channels cannot read images",
+                         hint="fcnify heatmaps support 1-channel (grayscale) and 3-channel (RGB) models")
+    tensor = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).float().div_(255.0)
+    tensor = (tensor - mean[:, None, None]) / std[:, None, None]
+    if canvas is not None and tuple(tensor.shape[1:]) != tuple(canvas):
+        pad_h, pad_w = canvas[0] - tensor.shape[1], canvas[1] - tensor.shape[2]
+        tensor = torch.nn.functional.pad(tensor, (0, pad_w, 0, pad_h), value=0.0)
+    return tensor
+
+
+@dataclass
+class TileNetwork:
+    """A network ready to run tiles: on its device, in its precision, with its input normalisation."""
+
+    module: nn.Module
+    device: torch.device
+    dtype: torch.dtype
+    in_chans: int
+    mean: torch.Tensor
+    std: torch.Tensor
+    runtime: str = "torch"
+
+    @classmethod
+    def build(cls, fcn: nn.Module, in_chans: int, mean, std, device: str | torch.device = "auto",
+              precision: str = "fp32", runtime: str = "torch") -> TileNetwork:
+        device = device if isinstance(device, torch.device) else select_device(device)
+        dtype = check_precision(precision, device)
+        mean_t = torch.as_tensor(tuple(mean), dtype=torch.float32)
+        std_t = torch.as_tensor(tuple(std), dtype=torch.float32)
+        if mean_t.numel() != in_chans or std_t.numel() != in_chans:
+            raise InputError(f"mean/std have {mean_t.numel()}/{std_t.numel()} values for {in_chans} channels",
+                             hint="give one mean and one std per input channel")
+        place_model(fcn, device)
+        return cls(fcn, device, dtype, int(in_chans), mean_t, std_t, runtime)
+
+    def run(self, batch: torch.Tensor) -> torch.Tensor:
+        """N×C×H×W normalised input → N×K×h×w float32 logits on the CPU (one-line errors)."""
+        return _guarded(lambda: _forward(self.module, batch, self.device, self.dtype), batch.shape, len(batch))
+
+
+def choose_runtime(fcn: nn.Module, metadata, runtime: str, device: torch.device, precision: str,
+                   pixels: int) -> tuple[nn.Module, str]:
+    """The module that runs the tiles and its runtime name.
+
+    ``torch`` keeps ``fcn``. ``onnxruntime`` exports it in memory to ONNX, gated by the same equivalence
+    check as ``fcnify convert --onnx`` (onnxruntime against PyTorch at several sizes, relative 1e-4).
+    ``auto`` picks onnxruntime on the CPU in fp32 for jobs of at least ``AUTO_ONNX_PIXELS`` input pixels
+    (it runs convolutions in about 0.55× PyTorch's time there), and PyTorch otherwise or when the export
+    fails.
+
+    Raises:
+        InputError: an unknown runtime; ExportError/NotEquivalentError: ``onnxruntime`` asked for and the
+            export or its check failed.
+    """
+    if runtime not in RUNTIMES:
+        raise InputError(f"--runtime {runtime!r} is not one of {', '.join(RUNTIMES)}", hint="e.g. --runtime auto")
+    if runtime == "torch" or getattr(fcn, "runs_outside_torch", False):
+        return fcn, "onnxruntime" if getattr(fcn, "runs_outside_torch", False) else "torch"
+    convertible = metadata is not None and hasattr(fcn, "geometry") and hasattr(fcn, "input_size")
+    if runtime == "auto":
+        if device.type != "cpu" or precision != "fp32" or pixels < AUTO_ONNX_PIXELS or not convertible:
+            return fcn, "torch"
+        try:
+            return _onnx_twin(fcn, metadata), "onnxruntime"
+        except FcnifyError as exc:
+            _logger.info("--runtime auto: staying with PyTorch (%s)", exc)
+            return fcn, "torch"
+    if not convertible:
+        raise InputError("--runtime onnxruntime needs a converted PyTorch network to export",
+                         hint="give the model spec or its .pt2 (or an .onnx file, which runs on onnxruntime)")
+    return _onnx_twin(fcn, metadata), "onnxruntime"
+
+
+def _onnx_twin(fcn: nn.Module, metadata) -> nn.Module:
+    # ONNX export and onnxruntime are heavy, optional-feeling imports: load them only when asked for.
+    from fcnify.onnx_export import OnnxNet, export_onnx
+
+    with tempfile.TemporaryDirectory(prefix="fcnify-onnx-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        export_onnx(fcn.float().cpu(), metadata, path)
+        return OnnxNet(path.read_bytes(), device="cpu", metadata=metadata)
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+
+_DONE = object()
+
+
+def read_tiles(view, plan: TilePlan, tiles: Iterable[Tile], prefetch: int = 2) -> Iterator[tuple[Tile, np.ndarray]]:
+    """(tile, H×W×3 uint8 input region) for each tile, read ahead by a thread into a queue of ``prefetch``.
+
+    The region is clipped to the image; the network input is padded from there (``to_model_input``). An
+    error in the reader is raised here, in the caller's thread; closing the generator stops the reader.
+    """
+    slots: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def reader() -> None:
+        try:
+            for tile in tiles:
+                y0, x0 = tile.rows.start, tile.cols.start
+                y1, x1 = min(tile.rows.stop, plan.image_size[0]), min(tile.cols.stop, plan.image_size[1])
+                region = view.read(y0, x0, y1 - y0, x1 - x0)
+                if not put((tile, region)):
+                    return
+            put(_DONE)
+        except BaseException as exc:  # handed to the consumer, which raises it
+            put(exc)
+
+    thread = threading.Thread(target=reader, name="fcnify-tile-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = slots.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+
+
+# ------------------------------------------------------------------------------------------------ peaks
+
+
+@dataclass
+class PeakTracker:
+    """Each class's highest probability over the map and the cell where it is reached (first in row-major
+    order on ties, as ``torch.max`` over a whole map gives)."""
+
+    classes: int
+    values: np.ndarray = field(init=False)
+    cells: np.ndarray = field(init=False)
+
+    def __post_init__(self):
+        self.values = np.full(self.classes, -np.inf, dtype=np.float64)
+        self.cells = np.zeros((self.classes, 2), dtype=np.int64)
+
+    def update(self, scores: np.ndarray, first_row: int, first_col: int) -> None:
+        flat = np.where(np.isnan(scores), -np.inf, scores).reshape(scores.shape[0], -1)
+        if not flat.size:
+            return
+        best = flat.argmax(axis=1)
+        values = flat[np.arange(flat.shape[0]), best]
+        rows, cols = np.divmod(best, scores.shape[2])
+        for k in np.nonzero(values > self.values)[0]:
+            self.values[k] = values[k]
+            self.cells[k] = (first_row + rows[k], first_col + cols[k])
+        ties = np.nonzero(values == self.values)[0]
+        for k in ties:  # keep the row-major first cell among equal maxima
+            cell = (first_row + rows[k], first_col + cols[k])
+            if tuple(cell) < tuple(self.cells[k]):
+                self.cells[k] = cell
+
+    def top(self, n: int) -> list[int]:
+        """The ``n`` classes with the highest peaks, best first (stable: lower index first on ties)."""
+        order = np.argsort(-self.values, kind="stable")
+        return [int(k) for k in order[:max(0, n)] if np.isfinite(self.values[k])]
+
+
+# ------------------------------------------------------------------------------------------------ compute
+
+
+def _kept(tile: Tile, logits: torch.Tensor, stride: tuple[int, int]) -> torch.Tensor:
+    """The tile's own cells of its K×h×w network output."""
+    r0 = tile.rows.first - tile.rows.start // stride[0]
+    c0 = tile.cols.first - tile.cols.start // stride[1]
+    h, w = tile.rows.last - tile.rows.first, tile.cols.last - tile.cols.first
+    if r0 < 0 or c0 < 0 or logits.shape[-2] < r0 + h or logits.shape[-1] < c0 + w:
+        raise FcnifyError(f"a tile of {tile.input_shape[0]}x{tile.input_shape[1]} px gave a "
+                          f"{logits.shape[-2]}x{logits.shape[-1]} map, which lacks its cells "
+                          f"[{r0}, {r0 + h}) x [{c0}, {c0 + w})",
+                          hint="please report this model: its geometry does not match its output")
+    return logits[..., r0:r0 + h, c0:c0 + w]
+
+
+def compute_tiles(view, plan: TilePlan, network: TileNetwork, bounds: NetworkBounds, tiles: list[Tile],
+                  mask: ForegroundMask | None, write: Callable[[Tile, np.ndarray], None],
+                  batch_size: int = 1, prefetch: int = 2, labels: int | None = None,
+                  done: Callable[[Tile], None] | None = None) -> None:
+    """Run ``tiles`` of ``view`` through ``network`` and hand each tile's probabilities to ``write``.
+
+    Args:
+        view: the image at the resolution the network sees (``sources.LevelView``).
+        plan: the tile plan; ``tiles`` are those to compute (foreground, not yet done).
+        mask: the foreground mask (None: every cell); background cells are NaN.
+        write: ``write(tile, scores)`` with scores K×h×w float32 (the tile's cells).
+        batch_size: tiles of the same input size run together, at most this many.
+        labels: the number of class labels, checked against the network's output.
+        done: called after ``write`` for each tile (progress, the resume record).
+    """
+    def flush(batch: list[tuple[Tile, np.ndarray]]) -> None:
+        inputs = torch.stack([to_model_input(region, network.in_chans, network.mean, network.std,
+                                             tile.input_shape) for tile, region in batch])
+        logits = network.run(inputs)
+        if labels is not None and logits.shape[1] != labels:
+            raise InputError(f"the network gives {logits.shape[1]} classes but there are {labels} labels",
+                             hint="the labels do not belong to this model")
+        for k, (tile, _) in enumerate(batch):
+            scores = torch.softmax(_kept(tile, logits[k], plan.stride), dim=0).numpy()
+            if mask is not None:
+                cells = mask.cells((tile.rows.first, tile.rows.last), (tile.cols.first, tile.cols.last), bounds)
+                scores = np.where(cells[None], scores, np.float32(np.nan))
+            write(tile, np.ascontiguousarray(scores, dtype=np.float32))
+            if done is not None:
+                done(tile)
+
+    pending: list[tuple[Tile, np.ndarray]] = []
+    for tile, region in read_tiles(view, plan, tiles, prefetch):
+        if pending and (len(pending) >= batch_size or pending[0][0].input_shape != tile.input_shape):
+            flush(pending)
+            pending = []
+        pending.append((tile, region))
+    if pending:
+        flush(pending)
+
+
+def foreground_tiles(plan: TilePlan, mask: ForegroundMask | None, bounds: NetworkBounds) -> list[bool]:
+    """Per tile (row-major): whether any of its cells' windows holds foreground."""
+    if mask is None:
+        return [True] * plan.count
+    return [bool(mask.cells((t.rows.first, t.rows.last), (t.cols.first, t.cols.last), bounds).any())
+            for t in plan.tiles()]

@@ -1,0 +1,687 @@
+"""One image end to end: source → plan → compute → sinks, with resume and progress around it.
+
+For an input ``<stem>.<ext>`` it writes, in the output folder:
+
+* ``<stem>.heatmap.png`` (one class: the chosen one, else the top class) or ``<stem>.heatmap.<class>.png``
+  (several): the class's probability over the image, at the image's size or, for images whose longest side
+  exceeds ``preview_size`` (4096), scaled down to it;
+* ``<stem>.classes.png``: a panel per top-k class and the most probable class per pixel;
+* ``<stem>.scores.npz`` (maps held in memory) or ``<stem>.scores.zarr`` (tiled sources and large maps; see
+  ``choose_scores_format``): probabilities K×rows×cols with NaN for background cells, and the geometry;
+* ``<stem>.mask.png`` when a flat background was found: the foreground mask at thumbnail size.
+
+Every file is written under a temporary name and renamed into place only once all of them are complete.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fcnify.errors import FcnifyError, InputError, OutputError
+from fcnify.heatmap import compute, plan, sinks
+from fcnify.heatmap.memory import bytes_per_pixel, parse_memory, parse_tile, tile_side
+from fcnify.heatmap.previews import classes_figure, preview_shape, render_previews
+from fcnify.heatmap.sources import open_source, open_view, read_thumbnail
+
+__all__ = [
+    "ClassPeak", "HeatmapOptions", "ImageJob", "SCORE_FORMATS", "SummaryRow", "choose_scores_format",
+    "output_stems", "resolve_classes", "run_image",
+]
+
+_logger = logging.getLogger(__name__)
+
+SCORE_FORMATS = ("auto", "npz", "zarr")
+#: ``--scores auto`` keeps maps up to this many bytes (float32) in memory and writes them as ``.npz``.
+NPZ_MAX_BYTES = 64 * 2**20
+COMBINES = ("mean", "max")
+
+
+@dataclass
+class HeatmapOptions:
+    """What ``fcnify heatmap`` does with each image.
+
+    Attributes:
+        outdir: the output folder (created if missing).
+        classes: class names or indices to draw (empty: the image's top class, by peak probability).
+        top_k: classes shown in ``<stem>.classes.png``.
+        cmap: a matplotlib colormap name.
+        alpha: heatmap opacity over the image (0–1).
+        scale: resize the image by this factor first (ordinary images; slides use ``level``/``mpp``).
+        max_pixels: refuse larger ordinary images (None: Pillow's default; 0: no limit). Tiled sources
+            (TIFF, slides) are never decoded whole and are not limited.
+        device: auto, cpu, cuda, cuda:N or mps.
+        precision: fp32, fp16 (GPU only) or bf16.
+        batch_size: tiles of the same size run together (and images per Ray batch).
+        overwrite: replace existing outputs (otherwise an existing output is an ``OutputError``).
+        dpi: resolution of ``<stem>.classes.png``.
+        tile: None or "auto" (from ``max_memory``), or a tile size in input pixels (768 or "768x1024").
+        max_memory: the budget for a tile's working set ("2GB"; default 1 GB).
+        output_stride: a finer output stride dividing the network's (dilation rewrite), None: native.
+        scales: an image pyramid (e.g. (0.5, 1, 2)), combined on the grid of scale 1 (maps in memory only).
+        combine: "mean" or "max" of the scales' probabilities.
+        level: the pyramid level to read (None: level 0, or the level ``mpp`` picks).
+        mpp: the resolution to compute at, in µm per pixel (the nearest finer level, resampled).
+        foreground: "auto" (skip a flat background, NaN there) or "all".
+        scores: "auto", "npz" or "zarr".
+        scores_dtype: "float32" or "float16" (zarr).
+        preview_size: the longest side of the previews.
+        runtime: "auto", "torch" or "onnxruntime".
+    """
+
+    outdir: Path
+    classes: tuple = ()
+    top_k: int = 4
+    cmap: str = "inferno"
+    alpha: float = 0.5
+    scale: float = 1.0
+    max_pixels: int | None = None
+    device: str = "auto"
+    precision: str = "fp32"
+    batch_size: int = 8
+    overwrite: bool = True
+    dpi: int = 100
+    tile: str | int | None = None
+    max_memory: str | None = None
+    output_stride: int | None = None
+    scales: tuple = ()
+    combine: str = "mean"
+    level: int | None = None
+    mpp: float | None = None
+    foreground: str = "auto"
+    scores: str = "auto"
+    scores_dtype: str = "float32"
+    preview_size: int = 4096
+    runtime: str = "auto"
+
+    def validate(self) -> None:
+        """Raise ``InputError`` for option values that can never work (before any image is read)."""
+        from fcnify.heatmap.multiscale import parse_scales
+        from fcnify.heatmap.render import colormap
+
+        colormap(self.cmap)
+        checks = [
+            (0.0 <= float(self.alpha) <= 1.0, f"--alpha {self.alpha} is not between 0 and 1", "e.g. --alpha 0.5"),
+            (int(self.top_k) >= 1, f"--top-k {self.top_k} must be at least 1", "e.g. --top-k 4"),
+            (float(self.scale) > 0, f"--scale {self.scale} is not a positive number", "e.g. --scale 0.5"),
+            (int(self.batch_size) >= 1, f"--batch-size {self.batch_size} must be at least 1", "e.g. --batch-size 8"),
+            (self.max_pixels is None or int(self.max_pixels) >= 0, f"--max-pixels {self.max_pixels} is negative",
+             "pass 0 for no limit"),
+            (self.combine in COMBINES, f"--combine {self.combine!r} is not one of {', '.join(COMBINES)}",
+             "e.g. --combine mean"),
+            (self.output_stride is None or int(self.output_stride) >= 1,
+             f"--output-stride {self.output_stride} must be a positive integer", "e.g. --output-stride 8"),
+            (self.level is None or int(self.level) >= 0, f"--level {self.level} is negative", "level 0 is the finest"),
+            (self.mpp is None or float(self.mpp) > 0, f"--mpp {self.mpp} is not a positive number", "e.g. --mpp 0.5"),
+            (self.level is None or self.mpp is None, "--level and --mpp both given", "choose one of them"),
+            (self.foreground in plan.FOREGROUND_MODES, f"--foreground {self.foreground!r} is not auto or all",
+             "e.g. --foreground all"),
+            (self.scores in SCORE_FORMATS, f"--scores {self.scores!r} is not one of {', '.join(SCORE_FORMATS)}",
+             "e.g. --scores zarr"),
+            (self.scores_dtype in sinks.SCORE_DTYPES, f"--scores-dtype {self.scores_dtype!r} is not float32 or "
+             "float16", "e.g. --scores-dtype float16"),
+            (int(self.preview_size) >= 16, f"--preview-size {self.preview_size} is below 16 px", "e.g. 4096"),
+            (self.runtime in compute.RUNTIMES, f"--runtime {self.runtime!r} is not one of "
+             f"{', '.join(compute.RUNTIMES)}", "e.g. --runtime auto"),
+        ]
+        for ok, message, hint in checks:
+            if not ok:
+                raise InputError(message, hint=hint)
+        parse_tile(self.tile)
+        if self.max_memory is not None:
+            parse_memory(self.max_memory)
+        if self.scales:
+            parse_scales(self.scales)
+            if self.scores == "zarr":
+                raise InputError("--scales combines maps held in memory, not --scores zarr",
+                                 hint="drop --scores zarr, or compute one resolution with --level/--mpp")
+
+
+@dataclass(frozen=True)
+class ClassPeak:
+    """A class's best cell in one image: peak probability and its window centre (y, x) in level-0 pixels."""
+
+    index: int
+    label: str
+    score: float
+    y: float
+    x: float
+
+
+@dataclass
+class SummaryRow:
+    """One input's outcome (a row of ``summary.parquet``).
+
+    Attributes:
+        path: the input path as given.
+        status: ``"ok"`` or ``"error"``.
+        error: the error message (with its hint) when ``status`` is ``"error"``.
+        image_size: the image's level-0 (height, width), when it was read.
+        map_size: the score map's (rows, cols).
+        padded: the image was smaller than the window and was padded.
+        top: the top-k classes by peak probability.
+        outputs: the files written.
+        skipped: a resumed job found the outputs complete and did not redo them.
+        level, downsample, mpp: the resolution computed at (level-0 pixels per pixel; µm per pixel).
+        tiles, tiles_computed, tiles_background, tiles_resumed: the tile counts.
+        background_fraction: the share of tiles skipped as background.
+        seconds: time spent on the image; megapixels: its pixels at the resolution computed at.
+        runtime: torch or onnxruntime; scores_format: npz or zarr.
+        preprocessing: the mean and std the images were normalised with.
+    """
+
+    path: str
+    status: str
+    error: str | None = None
+    image_size: tuple[int, int] | None = None
+    map_size: tuple[int, int] | None = None
+    padded: bool = False
+    top: tuple[ClassPeak, ...] = ()
+    outputs: tuple[str, ...] = field(default_factory=tuple)
+    skipped: bool = False
+    level: int | None = None
+    downsample: float | None = None
+    mpp: float | None = None
+    tiles: int = 0
+    tiles_computed: int = 0
+    tiles_background: int = 0
+    tiles_resumed: int = 0
+    background_fraction: float | None = None
+    seconds: float = 0.0
+    megapixels: float = 0.0
+    runtime: str | None = None
+    scores_format: str | None = None
+    preprocessing: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["top"] = [asdict(peak) for peak in self.top]
+        data["outputs"] = list(self.outputs)
+        return data
+
+
+# ------------------------------------------------------------------------------------------------ classes
+
+
+def resolve_classes(names_or_indices: Sequence, labels: Sequence[str]) -> list[int]:
+    """Class indices for names or indices (exact name first, then an index, then a unique case-insensitive
+    name); duplicates are dropped, the order is kept.
+
+    Raises:
+        InputError: a name that is no label and no valid index; the message lists close and valid names.
+    """
+    labels = [str(v) for v in labels]
+    by_name = {name: i for i, name in enumerate(labels)}
+    lower: dict[str, list[int]] = {}
+    for i, name in enumerate(labels):
+        lower.setdefault(name.lower(), []).append(i)
+    result: list[int] = []
+    for item in names_or_indices:
+        text = str(item).strip()
+        if text in by_name:
+            index = by_name[text]
+        elif re.fullmatch(r"[+-]?\d+", text) and 0 <= int(text) < len(labels):
+            index = int(text)
+        elif len(lower.get(text.lower(), [])) == 1:
+            index = lower[text.lower()][0]
+        else:
+            close = difflib.get_close_matches(text, labels, n=3)
+            examples = ", ".join(labels[:5]) + (", …" if len(labels) > 5 else "")
+            hint = (f"did you mean {', '.join(close)}? " if close else "") + \
+                f"give a class name ({examples}) or an index 0–{len(labels) - 1}"
+            raise InputError(f"unknown class {text!r}: the model has no such label", hint=hint)
+        if index not in result:
+            result.append(index)
+    return result
+
+
+def _safe_name(label: str) -> str:
+    name = re.sub(r"[^\w.+-]+", "_", label, flags=re.UNICODE).strip("._")
+    return name[:80] or "class"
+
+
+def output_stems(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """Output names (without suffixes) for input paths: the file's stem, or, when several inputs share a
+    stem, the stem under its folder relative to the inputs' common parent (``a/photo``, ``b/photo``).
+    Slide suffixes such as ``.ome.tif`` are dropped whole."""
+    # A URI's stem and folders come from its bucket and key ("s3://b/a/x.png" -> /b/a/x.png), not the cwd.
+    resolved = [Path("/" + str(p).split("://", 1)[1]) if "://" in str(p) else Path(os.path.abspath(p))
+                for p in paths]
+    stems = [_stem(p) for p in resolved]
+    counts: dict[str, int] = {}
+    for stem in stems:
+        counts[stem] = counts.get(stem, 0) + 1
+    if all(c == 1 for c in counts.values()):
+        return stems
+    try:
+        common = Path(os.path.commonpath([str(p.parent) for p in resolved]))
+    except ValueError:  # different drives
+        common = None
+    result: list[str] = []
+    taken: set[str] = set()
+    for path, stem in zip(resolved, stems, strict=True):
+        if counts[stem] == 1:
+            name = stem
+        else:
+            parent = path.parent.relative_to(common) if common is not None else Path(path.parent.name)
+            name = (parent / stem).as_posix() if str(parent) not in ("", ".") else stem
+        unique, n = name, 2
+        while unique in taken:
+            unique = f"{name}-{n}"
+            n += 1
+        taken.add(unique)
+        result.append(unique)
+    return result
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for double in (".ome.tiff", ".ome.tif", ".ome.zarr"):
+        if name.lower().endswith(double):
+            return name[: -len(double)]
+    return path.stem
+
+
+def expected_outputs(stem: str, outdir: Path, classes: Sequence[int], labels: Sequence[str],
+                     scores_format: str) -> dict[str, Path]:
+    """The files an image gets (heatmaps first, keyed as in ``SummaryRow.outputs``' order)."""
+    base = Path(outdir) / Path(stem)
+    chosen = list(classes) or [None]
+    targets: dict[str, Path] = {}
+    used_names: set[str] = set()
+    for k in chosen:
+        if len(chosen) == 1:
+            targets["heatmap"] = base.with_name(base.name + ".heatmap.png")
+            continue
+        label = str(labels[k])
+        name = _safe_name(label)
+        if name in used_names:
+            name = f"{name}_{k}"
+        used_names.add(name)
+        targets[f"heatmap:{label}"] = base.with_name(f"{base.name}.heatmap.{name}.png")
+    targets["classes"] = base.with_name(base.name + ".classes.png")
+    targets["scores"] = base.with_name(f"{base.name}.scores.{scores_format}")
+    return targets
+
+
+# ------------------------------------------------------------------------------------------------ the job
+
+
+@dataclass
+class ModelInfo:
+    """What the pipeline needs from a ``LoadedModel`` (small and picklable, for Ray workers)."""
+
+    in_chans: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    labels: tuple[str, ...]
+    source: str = ""
+    preprocessing: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, loaded) -> ModelInfo:
+        preprocessing = dict(getattr(loaded, "preprocessing", None) or {})
+        preprocessing.setdefault("mean", list(loaded.mean))
+        preprocessing.setdefault("std", list(loaded.std))
+        return cls(int(loaded.in_chans), tuple(float(v) for v in loaded.mean), tuple(float(v) for v in loaded.std),
+                   tuple(str(v) for v in loaded.labels), str(getattr(loaded, "source", "")), preprocessing)
+
+
+class ImageJob:
+    """What every image of a job shares: the network on its device, its geometry, the options.
+
+    Args:
+        fcn, geometry: the converted network and its geometry (``output_stride`` is applied here).
+        model: ``ModelInfo`` (or a ``LoadedModel``).
+        options: the heatmap options.
+        metadata: the network's ``ModelMetadata`` (for an in-memory ONNX export), if known.
+    """
+
+    def __init__(self, fcn, geometry, model, options: HeatmapOptions, metadata=None):
+        from fcnify.dense import with_output_stride
+
+        options.validate()
+        self.options = options
+        self.model = model if isinstance(model, ModelInfo) else ModelInfo.of(model)
+        self.classes = resolve_classes(options.classes, self.model.labels)
+        fcn, geometry = with_output_stride(fcn, geometry, options.output_stride)
+        self.fcn, self.geometry, self.metadata = fcn, geometry, metadata
+        self.bounds = plan.bounds_of(geometry)
+        self.window = tuple(int(v) for v in geometry.window)
+        self.network = compute.TileNetwork.build(fcn, self.model.in_chans, self.model.mean, self.model.std,
+                                                 options.device, options.precision)
+        self.fingerprint = _fingerprint(fcn)
+        self._per_pixel: float | None = None
+        self._runtimes: dict[str, torch.nn.Module] = {}
+        _check_outdir(Path(options.outdir))
+
+    def tile_cells(self) -> tuple[int, int] | None:
+        """Cells per tile for this job's options (None: one tile per image)."""
+        tile = parse_tile(self.options.tile)
+        if isinstance(tile, tuple):
+            return plan.cells_for_tile_size(self.bounds, tile)
+        if self._per_pixel is None:
+            self._per_pixel = bytes_per_pixel(self.fcn, self.model.in_chans, self.window)
+        budget = parse_memory(self.options.max_memory) if self.options.max_memory else None
+        side = tile_side(self._per_pixel, budget)
+        minimum = max(self.bounds.halo(a) + self.bounds.stride[a] for a in range(2))
+        if side < minimum:
+            if budget is not None:
+                raise InputError(f"--max-memory {self.options.max_memory} is too small for one tile of this network "
+                                 f"(a {minimum}x{minimum} tile needs about {self._per_pixel * minimum**2 / 1e6:.0f} MB)",
+                                 hint="raise --max-memory")
+            side = minimum
+        return plan.cells_for_tile_size(self.bounds, (side, side))
+
+    def runner(self, pixels: int) -> compute.TileNetwork:
+        """The tile network in the runtime ``--runtime`` picks for a job of ``pixels`` input pixels."""
+        module, name = compute.choose_runtime(self.fcn, self.metadata, self.options.runtime, self.network.device,
+                                              self.options.precision, pixels)
+        if module is self.fcn:
+            self.network.runtime = name
+            return self.network
+        if name not in self._runtimes:
+            self._runtimes[name] = module
+        return compute.TileNetwork(self._runtimes[name], self.network.device, self.network.dtype,
+                                   self.network.in_chans, self.network.mean, self.network.std, name)
+
+
+def _fingerprint(fcn) -> str:
+    """A short hash of the network's weights: a partial store is resumed only by the same network."""
+    digest = hashlib.sha1()
+    source = getattr(fcn, "_source", None)
+    if isinstance(source, (bytes, str)):
+        digest.update(source if isinstance(source, bytes) else source.encode())
+    for name, tensor in sorted(fcn.state_dict().items()) if hasattr(fcn, "state_dict") else []:
+        digest.update(name.encode())
+        if isinstance(tensor, torch.Tensor):
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()[:1 << 16])
+            digest.update(str(tuple(tensor.shape)).encode())
+    return digest.hexdigest()[:16]
+
+
+def _check_outdir(outdir: Path) -> None:
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the output folder {outdir}: {exc.strerror}",
+                          hint="choose a writable -o folder") from exc
+    if not outdir.is_dir():
+        raise OutputError(f"{outdir} is not a folder", hint="give a folder for -o")
+    if not os.access(outdir, os.W_OK | os.X_OK):
+        raise OutputError(f"the output folder {outdir} is not writable", hint="choose a writable -o folder")
+
+
+def choose_scores_format(requested: str, source, map_size: tuple[int, int], classes: int) -> str:
+    """``npz`` or ``zarr``: ``auto`` writes zarr for tiled sources (TIFF, slides: never decoded whole) and for
+    maps over 64 MiB as float32; ordinary images with smaller maps keep ``.scores.npz``."""
+    if requested != "auto":
+        return requested
+    if not source.whole or classes * map_size[0] * map_size[1] * 4 > NPZ_MAX_BYTES:
+        return "zarr"
+    return "npz"
+
+
+# ------------------------------------------------------------------------------------------------ one image
+
+
+@dataclass
+class TileProgress:
+    """Progress of one image, reported to the ``progress`` callback after each tile."""
+
+    path: str
+    total: int
+    computed: int = 0
+    background: int = 0
+    resumed: int = 0
+    todo: int = 0
+    runtime: str | None = None
+
+    @property
+    def finished(self) -> int:
+        return self.computed + self.background + self.resumed
+
+
+def _level0(view, geometry) -> dict[str, tuple]:
+    """The map's geometry in level-0 pixels: ints when the view is level 0 unresized, floats otherwise."""
+    dy, dx = view.downsample
+    if (dy, dx) == (1.0, 1.0):
+        return {name: tuple(int(v) for v in getattr(geometry, name)) for name in ("stride", "offset", "window")}
+    return {name: (float(getattr(geometry, name)[0] * dy), float(getattr(geometry, name)[1] * dx))
+            for name in ("stride", "offset", "window")}
+
+
+@dataclass(frozen=True)
+class _ViewGeometry:
+    stride: tuple
+    offset: tuple
+    window: tuple
+
+
+def run_image(path: str, stem: str, job: ImageJob, resume: bool = False,
+              progress: Callable[[TileProgress], None] | None = None) -> SummaryRow:
+    """Compute and write one image's outputs; any ``FcnifyError`` becomes an error row."""
+    started = time.perf_counter()
+    try:
+        row = _run_image(path, stem, job, resume, progress)
+    except FcnifyError as exc:
+        _logger.info("%s: %s", path, exc)
+        return SummaryRow(path=str(path), status="error", error=str(exc), seconds=time.perf_counter() - started)
+    row.seconds = time.perf_counter() - started
+    return row
+
+
+def _run_image(path: str, stem: str, job: ImageJob, resume: bool,
+               progress: Callable[[TileProgress], None] | None) -> SummaryRow:
+    options, model = job.options, job.model
+    outdir = Path(options.outdir)
+    with open_source(path, options.max_pixels) as source:
+        view = open_view(source, level=options.level, mpp=options.mpp, scale=options.scale)
+        if options.scales and not source.whole:
+            raise InputError("--scales needs an image held in memory; this one is read tile by tile",
+                             hint="compute one resolution with --level N or --mpp X")
+        sinks.remove_stale(outdir, stem, keep_partial=resume)
+        cells = None if options.scales else job.tile_cells()
+        tiles = plan.plan_tiles(job.fcn, job.geometry, model.in_chans, view.size, cells)
+        fmt = "npz" if options.scales else choose_scores_format(options.scores, source, tiles.map_size,
+                                                                   len(model.labels))
+        targets = expected_outputs(stem, outdir, job.classes, model.labels, fmt)
+        info = dict(level=view.level, downsample=float(view.downsample[0]),
+                    mpp=float(view.mpp[0]) if view.mpp else None, scores_format=fmt,
+                    preprocessing=model.preprocessing)
+        if resume:
+            done = _completed(path, targets, model, fmt, options.top_k)
+            if done is not None:
+                return done
+        mask = plan.estimate_foreground(view, job.window, options.foreground)
+        attrs = sinks.MapAttrs(model.labels, image_size=tuple(source.size), level=view.level,
+                               downsample=tuple(float(v) for v in view.downsample),
+                               mpp=tuple(view.mpp) if view.mpp else None, **_level0(view, job.geometry),
+                               extra=_attrs_extra(job, tiles, mask, model))
+        if options.scales:
+            scores, attrs.extra = _multiscale(view, job, tiles, mask, attrs)
+            state = TileProgress(str(path), 1, computed=1, runtime=job.network.runtime)
+            computed = [True]
+            sink = None
+        else:
+            computed = compute.foreground_tiles(tiles, mask, job.bounds)
+            sink, scores, state = _compute(path, view, job, tiles, mask, computed, targets, attrs, fmt, resume,
+                                           progress)
+        peaks = _peaks(scores, tiles)
+        draw = list(job.classes) or peaks.top(1) or [0]
+        top = peaks.top(max(1, int(options.top_k))) or [0]
+        view_geometry = _ViewGeometry(*(tuple(getattr(job.geometry, n)) for n in ("stride", "offset", "window")))
+        centres = {k: _centre(peaks, k, view_geometry, view.downsample) for k in range(len(model.labels))}
+        summary_top = tuple(ClassPeak(k, model.labels[k], float(peaks.values[k]) if np.isfinite(peaks.values[k])
+                                      else float("nan"), *centres[k]) for k in top)
+        staged = sinks.Staged(options.overwrite)
+        try:
+            _write_previews(staged, view, scores, view_geometry, targets, draw, top, peaks, centres, job)
+            if mask is not None:
+                target = outdir / Path(stem).with_name(Path(stem).name + ".mask.png")
+                tmp = staged.path(target)
+                Image.fromarray(mask.mask.astype(np.uint8) * 255).save(tmp, format="PNG")
+            summary = {"tiles": {"total": tiles.count, "computed": int(sum(computed))},
+                       "peaks": [asdict(p) for p in summary_top]}
+            if fmt == "zarr":
+                staged.folder(sink.finish(sinks.status_grid(tiles, computed), summary), targets["scores"])
+            else:
+                tmp = staged.path(targets["scores"])
+                sinks.write_npz(tmp, scores, attrs, summary)
+            written = staged.commit()
+        except OSError as exc:
+            raise OutputError(f"cannot write the outputs of {stem}: {exc.strerror or exc}",
+                              hint="check the output folder's permissions and free space") from exc
+        finally:
+            staged.discard()
+            if sink is not None:
+                sink.close()
+    return SummaryRow(path=str(path), status="ok", image_size=tuple(source.size), map_size=tiles.map_size,
+                      padded=tiles.canvas != tuple(view.size), top=summary_top, outputs=tuple(map(str, written)),
+                      tiles=tiles.count, tiles_computed=state.computed, tiles_background=state.background,
+                      tiles_resumed=state.resumed, background_fraction=state.background / max(1, tiles.count),
+                      megapixels=view.size[0] * view.size[1] / 1e6, runtime=state.runtime, **info)
+
+
+def _attrs_extra(job: ImageJob, tiles, mask, model: ModelInfo) -> dict:
+    g = job.geometry
+    return {"receptive_field": list(g.receptive_field), "exact": bool(g.exact), "map_size": list(tiles.map_size),
+            "preprocessing": model.preprocessing, "model": model.source,
+            "foreground": None if mask is None else {"kind": mask.kind, "background": list(mask.background),
+                                                     "fraction": round(mask.fraction, 6)}}
+
+
+def _compute(path, view, job: ImageJob, tiles, mask, computed, targets, attrs, fmt, resume, progress):
+    options = job.options
+    state = TileProgress(str(path), tiles.count)
+    state.background = sum(1 for c in computed if not c)
+    if fmt == "zarr":
+        run_key = {"model": job.fingerprint, "labels": list(job.model.labels), "level": view.level,
+                   "size": list(view.size), "downsample": list(view.downsample), "cells": list(tiles.cells),
+                   "geometry": job.geometry.to_dict(), "foreground": options.foreground,
+                   "mean": list(job.model.mean), "std": list(job.model.std), "dtype": options.scores_dtype}
+        sink = sinks.ZarrSink(targets["scores"], tiles, attrs, run_key, options.scores_dtype, resume)
+    else:
+        sink = sinks.ArraySink(len(job.model.labels), tiles.map_size)
+    todo = [t for t, c in zip(tiles.tiles(), computed, strict=True)
+            if c and tiles.index(t) not in getattr(sink, "done", ())]
+    state.resumed = sum(computed) - len(todo)
+    state.todo = len(todo)
+    pixels = sum(t.input_shape[0] * t.input_shape[1] for t in todo)
+    network = job.runner(pixels)
+    state.runtime = network.runtime
+    if progress is not None:
+        progress(state)
+
+    def done(tile) -> None:
+        if fmt == "zarr":
+            sink.mark_done(tile)
+        state.computed += 1
+        if progress is not None:
+            progress(state)
+
+    compute.compute_tiles(view, tiles, network, job.bounds, todo, mask, sink.write, options.batch_size,
+                          labels=len(job.model.labels), done=done)
+    scores = sink.array if fmt == "zarr" else sink.scores
+    return sink, scores, state
+
+
+def _multiscale(view, job: ImageJob, tiles, mask, attrs):
+    """One map per scale (each computed in one pass), combined on the grid of scale 1 (``multiscale``)."""
+    from fcnify.heatmap.multiscale import multiscale_map
+    from fcnify.images import PreparedImage
+
+    options = job.options
+    image = view.read(0, 0, *view.size)
+    tensor = compute.to_model_input(image, job.model.in_chans, job.network.mean, job.network.std, tiles.canvas)
+    prepared = PreparedImage(tensor, tuple(view.source.size), float(options.scale), tuple(view.size),
+                             tiles.canvas != tuple(view.size))
+    network = job.network
+    smap = multiscale_map(lambda x: network.run(x[None])[0], prepared, job.geometry, job.model.labels,
+                          options.scales, options.combine)
+    scores = smap.scores.numpy().astype(np.float32)
+    if mask is not None:
+        keep = mask.cells((0, scores.shape[1]), (0, scores.shape[2]), job.bounds)
+        scores = np.where(keep[None], scores, np.float32(np.nan))
+    return scores, {**attrs.extra, **smap.extra}
+
+
+def _peaks(scores, tiles) -> compute.PeakTracker:
+    """Each class's peak over the whole map, read band by band (the store is never loaded whole)."""
+    tracker = compute.PeakTracker(int(scores.shape[0]))
+    band = max(1, (64 * 2**20) // max(1, int(scores.shape[0]) * int(scores.shape[2]) * 4))
+    for first in range(0, int(scores.shape[1]), band):
+        block = np.asarray(scores[:, first:first + band, :], dtype=np.float32)
+        tracker.update(block, first, 0)
+    return tracker
+
+
+def _centre(peaks, k: int, geometry, downsample) -> tuple[float, float]:
+    """Class ``k``'s peak window centre in level-0 pixels."""
+    i, j = (int(v) for v in peaks.cells[k])
+    return ((geometry.offset[0] + i * geometry.stride[0] + geometry.window[0] / 2) * downsample[0],
+            (geometry.offset[1] + j * geometry.stride[1] + geometry.window[1] / 2) * downsample[1])
+
+
+def _write_previews(staged, view, scores, geometry, targets, draw, top, peaks, centres, job: ImageJob) -> None:
+    options = job.options
+    shape = preview_shape(view.size, options.preview_size)
+    if tuple(shape) == tuple(view.size):
+        picture = view.read(0, 0, *view.size)
+    else:
+        thumb, _ = read_thumbnail(view, max_pixels=4 * shape[0] * shape[1], min_downsample=1.0)
+        picture = np.asarray(Image.fromarray(thumb).resize(shape[::-1], Image.Resampling.BILINEAR))
+    previews = render_previews(scores, geometry, picture, tuple(view.size), draw, top, options.cmap, options.alpha,
+                               options.preview_size)
+    heat_targets = [t for key, t in targets.items() if key.startswith("heatmap")]
+    for k, target in zip(draw, heat_targets, strict=True):
+        tmp = staged.path(target)
+        Image.fromarray(previews.overlays[k], mode="RGB").save(tmp, format="PNG")
+    labels = job.model.labels
+    # Peak centres for the panels, in the view's pixels (the previews' image_size).
+    view_peaks = {k: (float(peaks.values[k]), (centres[k][0] / view.downsample[0], centres[k][1] / view.downsample[1]))
+                  for k in top}
+    figure = classes_figure(previews, labels, top, view_peaks, options.cmap, dpi=options.dpi)
+    tmp = staged.path(targets["classes"])
+    figure.savefig(tmp, format="png", dpi=options.dpi)
+
+
+def _completed(path, targets: dict[str, Path], model: ModelInfo, fmt: str, top_k: int) -> SummaryRow | None:
+    """The row of an image whose outputs are all in place and belong to this model, else None (redo it)."""
+    if not all(t.exists() for t in targets.values()):
+        return None
+    scores = targets["scores"]
+    try:
+        if fmt == "zarr":
+            attrs = sinks.read_store_attrs(scores)
+            if attrs is None:
+                return None
+            labels, peaks = tuple(attrs["labels"]), attrs.get("peaks", [])
+            image_size, map_size = tuple(attrs["image_size"]), tuple(attrs["map_size"])
+        else:
+            with np.load(scores, allow_pickle=False) as data:
+                labels = tuple(str(v) for v in data["labels"])
+                image_size = tuple(int(v) for v in data["image_size"])
+                map_size = tuple(int(v) for v in data["scores"].shape[1:])
+                peaks = json.loads(str(data["summary"]))["peaks"] if "summary" in data.files else []
+    except Exception as exc:  # a damaged or foreign file: redo the image
+        _logger.info("%s: redoing, %s does not load (%s)", path, scores, exc)
+        return None
+    if labels != tuple(model.labels):
+        _logger.info("%s: redoing, %s is from another model", path, scores)
+        return None
+    top = tuple(ClassPeak(**p) for p in (peaks or [])[:top_k])
+    return SummaryRow(path=str(path), status="ok", image_size=image_size, map_size=map_size, top=top,
+                      outputs=tuple(str(t) for t in targets.values()), skipped=True, scores_format=fmt)

@@ -1,0 +1,317 @@
+"""Where scores go: the in-memory map written as ``.scores.npz``, or the chunked ``.scores.zarr`` store.
+
+Both hold class probabilities K×rows×cols (float32, or float16 for zarr by option), NaN where a cell was not
+computed (background), with the geometry in level-0 pixels under the same names: ``stride``, ``offset``,
+``window`` (y, x; window ``(i, j)`` has its top-left corner at ``offset + (i, j)·stride``), ``labels``,
+``image_size``, plus ``level``, ``downsample`` and ``mpp``.
+
+The zarr store is written while it is computed: one chunk per tile (the plan's cell blocks), so no two tiles
+share a chunk. Until the image is finished it lives in a hidden ``.<stem>.scores.zarr.partial`` folder beside
+its target with a ``fcnify-done.log`` listing finished tiles, one line each, appended after the tile's chunk
+is written: a run killed at any moment (``kill -9`` included) leaves a store whose log names only complete
+tiles, and ``--resume`` computes the rest. ``Staged`` renames it into place together with the image's other
+files; a finished store is replaced only by another finished one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fcnify.atomic import temp_beside
+from fcnify.errors import OutputError
+from fcnify.heatmap.plan import Tile, TilePlan
+
+__all__ = ["ArraySink", "SCORE_DTYPES", "Staged", "ZarrSink", "open_scores", "partial_path", "read_store_attrs",
+           "write_npz"]
+
+_logger = logging.getLogger(__name__)
+
+SCORE_DTYPES = ("float32", "float16")
+DONE_LOG = "fcnify-done.log"
+#: The second part of every output name, ``<stem>.<kind>…``.
+OUTPUT_KINDS = ("heatmap", "classes", "scores", "mask")
+PARTIAL_SUFFIX = ".partial"
+
+
+# ------------------------------------------------------------------------------------------------ staging
+
+
+class Staged:
+    """An image's output files (and the store folder) renamed into place together on ``commit``.
+
+    Files are written to hidden temp names beside their targets; a folder is built under its own hidden
+    name. If anything fails before ``commit``, ``discard`` removes every temporary and the previous outputs
+    stay as they were.
+    """
+
+    def __init__(self, overwrite: bool = True):
+        self.overwrite = overwrite
+        self.pending: list[tuple[Path, Path]] = []
+
+    def path(self, target: Path) -> Path:
+        """A temp file to write ``target``'s content to."""
+        self._check(target)
+        if target.is_dir():
+            raise OutputError(f"{target} is a directory", hint="choose another output folder")
+        tmp = temp_beside(target)
+        self.pending.append((tmp, target))
+        return tmp
+
+    def folder(self, built: Path, target: Path) -> None:
+        """Move the finished folder ``built`` to ``target`` on commit (replacing an earlier one)."""
+        self._check(target)
+        self.pending.append((built, target))
+
+    def _check(self, target: Path) -> None:
+        if target.exists() and not self.overwrite:
+            raise OutputError(f"{target} already exists", hint="pass --force to overwrite it, or another -o")
+
+    def commit(self) -> list[Path]:
+        placed: list[Path] = []
+        try:
+            for tmp, target in self.pending:
+                if tmp.is_dir():
+                    _replace_folder(tmp, target)
+                else:
+                    os.replace(tmp, target)
+                placed.append(target)
+        except OSError as exc:
+            raise OutputError(f"cannot write {target}: {exc.strerror or exc}", hint="check the output folder") from exc
+        finally:
+            self.pending = [(tmp, target) for tmp, target in self.pending if target not in placed]
+            self.discard()
+        return placed
+
+    def discard(self) -> None:
+        for tmp, _ in self.pending:
+            if tmp.is_dir():
+                continue  # a partial store stays for --resume
+            try:
+                tmp.unlink()
+            except FileNotFoundError:
+                pass
+        self.pending = []
+
+
+def _replace_folder(built: Path, target: Path) -> None:
+    """Put the folder ``built`` at ``target``; an earlier ``target`` is removed only once the new one is in."""
+    old = None
+    if target.exists() or target.is_symlink():
+        if not target.is_dir():
+            target.unlink()
+        else:
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old / target.name)
+    os.replace(built, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------ attrs
+
+
+@dataclass
+class MapAttrs:
+    """What the score files say about their map (all geometry in level-0 pixels)."""
+
+    labels: tuple[str, ...]
+    stride: tuple
+    offset: tuple
+    window: tuple
+    image_size: tuple[int, int]
+    level: int
+    downsample: tuple[float, float]
+    mpp: tuple[float, float] | None
+    extra: dict = field(default_factory=dict)
+
+    def geometry_arrays(self) -> dict[str, np.ndarray]:
+        values = {name: getattr(self, name) for name in ("stride", "offset", "window")}
+        exact = all(isinstance(v, (int, np.integer)) for value in values.values() for v in value)
+        dtype = np.int64 if exact else np.float64
+        return {name: np.asarray(value, dtype=dtype) for name, value in values.items()}
+
+    def to_json(self) -> dict:
+        return {"labels": list(self.labels), "stride": list(self.stride), "offset": list(self.offset),
+                "window": list(self.window), "image_size": list(self.image_size), "level": int(self.level),
+                "downsample": list(self.downsample), "mpp": list(self.mpp) if self.mpp else None, **self.extra}
+
+
+# ------------------------------------------------------------------------------------------------- sinks
+
+
+class ArraySink:
+    """The whole map in memory (small images: the rule in ``pipeline.choose_scores_format``)."""
+
+    def __init__(self, classes: int, map_size: tuple[int, int]):
+        self.scores = np.full((classes, *map_size), np.nan, dtype=np.float32)
+
+    def write(self, tile: Tile, scores: np.ndarray) -> None:
+        self.scores[:, tile.rows.first:tile.rows.last, tile.cols.first:tile.cols.last] = scores
+
+    def close(self) -> None:
+        """Nothing to release: the map is written whole by ``write_npz``."""
+
+
+def write_npz(path: Path, scores: np.ndarray, attrs: MapAttrs, summary: dict | None = None) -> None:
+    """``scores`` (probabilities) and ``logits`` (their logarithms; NaN where not computed), the labels, the
+    geometry and the image's size, level and resolution, compressed; ``attributes`` holds every attribute
+    the zarr store has (receptive field, exactness, preprocessing, foreground) and ``summary`` the tile
+    counts and peaks, both as JSON text."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logits = np.log(np.maximum(scores, np.float32(1e-30)))
+    extra = {key: np.asarray(value) for key, value in attrs.extra.items() if not isinstance(value, dict)}
+    with open(path, "wb") as f:
+        np.savez_compressed(
+            f, scores=scores.astype(np.float32), logits=logits.astype(np.float32),
+            labels=np.asarray([str(v) for v in attrs.labels], dtype=np.str_),
+            image_size=np.asarray(attrs.image_size, dtype=np.int64), level=np.int64(attrs.level),
+            downsample=np.asarray(attrs.downsample, dtype=np.float64),
+            mpp=np.asarray(attrs.mpp if attrs.mpp else (np.nan, np.nan), dtype=np.float64),
+            **attrs.geometry_arrays(), **extra, attributes=np.asarray(json.dumps(attrs.to_json(), default=str)),
+            summary=np.asarray(json.dumps(summary or {}, default=str)),
+        )
+
+
+def partial_path(target: Path) -> Path:
+    """Where the store for ``target`` is built: a hidden folder beside it."""
+    return target.with_name(f".{target.name}{PARTIAL_SUFFIX}")
+
+
+class ZarrSink:
+    """A zarr v3 group being filled tile by tile; see the module docstring.
+
+    Args:
+        target: the final ``<stem>.scores.zarr``.
+        plan: the tile plan (chunks = its cell blocks).
+        attrs: the map's attributes (group attributes).
+        run_key: what must match for ``--resume`` to go on with a partial store (model, sizes, options).
+        dtype: float32 or float16.
+        resume: go on with a matching partial store; otherwise start afresh.
+    """
+
+    def __init__(self, target: Path, plan: TilePlan, attrs: MapAttrs, run_key: dict, dtype: str = "float32",
+                 resume: bool = False):
+        import zarr  # the slide stack is only needed for stores
+
+        self.target, self.plan = Path(target), plan
+        self.folder = partial_path(self.target)
+        self.done: set[int] = set()
+        key = json.loads(json.dumps(run_key, default=str))
+        if resume and self.folder.is_dir():
+            self.done = self._resumable(key)
+        if not self.done:
+            if self.folder.exists():
+                shutil.rmtree(self.folder)
+            group = zarr.open_group(str(self.folder), mode="w", zarr_format=3)
+            group.attrs.update({**attrs.to_json(), "complete": False, "run": key,
+                                "tile_grid": list(plan.grid), "tile_cells": list(plan.cells)})
+            group.create_array(
+                "scores", shape=(len(attrs.labels), *plan.map_size), chunks=(len(attrs.labels), *plan.cells),
+                dtype=dtype, fill_value=np.nan, dimension_names=("class", "y", "x"),
+                compressors=zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"))
+        self.group = zarr.open_group(str(self.folder), mode="r+")
+        self.array = self.group["scores"]
+        self._log = open(self.folder / DONE_LOG, "a")
+
+    def _resumable(self, key: dict) -> set[int]:
+        import zarr
+
+        try:
+            group = zarr.open_group(str(self.folder), mode="r")
+            if group.attrs.get("run") != key:
+                _logger.info("%s: the partial store is from another run; starting afresh", self.folder)
+                return set()
+            lines = (self.folder / DONE_LOG).read_text().split("\n")
+        except Exception as exc:  # unreadable or foreign: start afresh rather than trust it
+            _logger.info("%s: cannot resume (%s); starting afresh", self.folder, exc)
+            return set()
+        done = set()
+        for line in lines[:-1]:  # the last piece has no newline yet: written by a killed process, or empty
+            if line.strip().isdigit() and int(line) < self.plan.count:
+                done.add(int(line))
+        _logger.info("%s: resuming with %d of %d tiles done", self.folder, len(done), self.plan.count)
+        return done
+
+    def write(self, tile: Tile, scores: np.ndarray) -> None:
+        self.array[:, tile.rows.first:tile.rows.last, tile.cols.first:tile.cols.last] = \
+            scores.astype(self.array.dtype, copy=False)
+
+    def mark_done(self, tile: Tile) -> None:
+        """Record ``tile`` as finished (after its chunk is written)."""
+        index = self.plan.index(tile)
+        self._log.write(f"{index}\n")
+        self._log.flush()
+        self.done.add(index)
+
+    def finish(self, status: np.ndarray, summary: dict) -> Path:
+        """Mark the store complete (tile status grid: 1 computed, 2 background) and return its folder."""
+        self._log.close()
+        self.group.create_array("tiles", data=status.astype(np.uint8), chunks=status.shape,
+                                dimension_names=("tile_row", "tile_col"))
+        self.group.attrs.update({"complete": True, **summary})
+        (self.folder / DONE_LOG).unlink(missing_ok=True)
+        return self.folder
+
+    def close(self) -> None:
+        if not self._log.closed:
+            self._log.close()
+
+
+def read_store_attrs(path: Path) -> dict | None:
+    """The attributes of a complete store, or None (missing, partial or unreadable)."""
+    import zarr
+
+    try:
+        attrs = dict(zarr.open_group(str(path), mode="r").attrs)
+    except Exception:
+        return None
+    return attrs if attrs.get("complete") else None
+
+
+def open_scores(path: str | os.PathLike):
+    """The ``scores`` array of a ``.scores.zarr`` store (zarr, read lazily) or of a ``.scores.npz`` (numpy),
+    and the attributes as a dict."""
+    path = Path(path)
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as data:
+            attrs = {name: data[name].tolist() for name in data.files if name not in ("scores", "logits")}
+            return data["scores"], attrs
+    import zarr
+
+    group = zarr.open_group(str(path), mode="r")
+    return group["scores"], dict(group.attrs)
+
+
+def remove_stale(outdir: Path, stem: str, keep_partial: bool) -> None:
+    """Delete temporaries a killed run left for ``stem`` (``.<stem>.*.tmp*`` files, old store folders) and,
+    unless resuming, its partial store."""
+    base = (outdir / stem)
+    folder = base.parent
+    if not folder.is_dir():
+        return
+    # Only this stem's own outputs: "a" must not touch the temporaries of an image named "a.b".
+    prefixes = tuple(f".{base.name}.{kind}" for kind in OUTPUT_KINDS)
+    for entry in folder.iterdir():
+        if not entry.name.startswith(prefixes):
+            continue
+        if entry.name.endswith(PARTIAL_SUFFIX):
+            if not keep_partial:
+                shutil.rmtree(entry, ignore_errors=True)
+        elif ".tmp" in entry.name and entry.is_file():
+            entry.unlink(missing_ok=True)
+        elif ".old-" in entry.name and entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def status_grid(plan: TilePlan, computed: Sequence[bool]) -> np.ndarray:
+    """The tile status grid: 1 computed, 2 background (skipped)."""
+    return np.where(np.asarray(computed, dtype=bool), 1, 2).reshape(plan.grid).astype(np.uint8)
