@@ -400,7 +400,8 @@ def heatmap(
         console.print(f"outputs in {outdir}/: <stem>.heatmap.png, <stem>.classes.png, <stem>.scores.npz or "
                       f".scores.zarr, <stem>.mask.png (with a background), summary.parquet")
     for row in failed:
-        err_console.print(f"[bold red]error:[/] {row.path}: {row.error}", highlight=False, soft_wrap=True)
+        where = "" if row.path in (row.error or "") else f"{row.path}: "  # most errors name the file already
+        err_console.print(f"[bold red]error:[/] {where}{row.error}", highlight=False, soft_wrap=True)
     if failed:
         err_console.print(f"[bold red]{len(failed)} of {len(rows)} images failed[/]")
         raise typer.Exit(1)

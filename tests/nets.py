@@ -123,3 +123,12 @@ def small_cnn() -> nn.Module:
 def small_cnn_other_seed() -> nn.Module:
     torch.manual_seed(1)
     return FlattenStyleNet("torch.flatten")
+
+
+def slide_net(classes: int = 3) -> nn.Module:
+    """A small padded RGB classifier on 32×32 windows (stride 4): padding makes tile borders matter."""
+    torch.manual_seed(3)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 8 * 8, classes),
+    ).eval()

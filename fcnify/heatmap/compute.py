@@ -24,7 +24,8 @@ from fcnify.dense import _forward, _guarded, check_precision, place_model, selec
 from fcnify.errors import FcnifyError, InputError
 from fcnify.heatmap.plan import ForegroundMask, NetworkBounds, Tile, TilePlan
 
-__all__ = ["RUNTIMES", "PeakTracker", "TileNetwork", "choose_runtime", "compute_tiles", "read_tiles", "to_model_input"]
+__all__ = ["RUNTIMES", "PeakTracker", "TileNetwork", "choose_runtime", "compute_tiles", "onnx_twin", "read_tiles",
+           "to_model_input"]
 
 _logger = logging.getLogger(__name__)
 
@@ -86,39 +87,38 @@ class TileNetwork:
 
 
 def choose_runtime(fcn: nn.Module, metadata, runtime: str, device: torch.device, precision: str,
-                   pixels: int) -> tuple[nn.Module, str]:
-    """The module that runs the tiles and its runtime name.
+                   pixels: int) -> str:
+    """Which runtime runs the tiles: ``torch`` or ``onnxruntime``.
 
-    ``torch`` keeps ``fcn``. ``onnxruntime`` exports it in memory to ONNX, gated by the same equivalence
-    check as ``fcnify convert --onnx`` (onnxruntime against PyTorch at several sizes, relative 1e-4).
-    ``auto`` picks onnxruntime on the CPU in fp32 for jobs of at least ``AUTO_ONNX_PIXELS`` input pixels
-    (it runs convolutions in about 0.55× PyTorch's time there), and PyTorch otherwise or when the export
-    fails.
+    ``torch`` keeps the PyTorch network. ``onnxruntime`` exports it in memory to ONNX (``onnx_twin``),
+    gated by the same equivalence check as ``fcnify convert --onnx``. ``auto`` picks onnxruntime on the CPU
+    in fp32 for jobs of at least ``AUTO_ONNX_PIXELS`` input pixels (it runs convolutions in about 0.55×
+    PyTorch's time there), and PyTorch otherwise. A network loaded from ``.onnx`` always runs on
+    onnxruntime.
 
     Raises:
-        InputError: an unknown runtime; ExportError/NotEquivalentError: ``onnxruntime`` asked for and the
-            export or its check failed.
+        InputError: an unknown runtime, or ``onnxruntime`` for a network that cannot be exported.
     """
     if runtime not in RUNTIMES:
         raise InputError(f"--runtime {runtime!r} is not one of {', '.join(RUNTIMES)}", hint="e.g. --runtime auto")
-    if runtime == "torch" or getattr(fcn, "runs_outside_torch", False):
-        return fcn, "onnxruntime" if getattr(fcn, "runs_outside_torch", False) else "torch"
-    convertible = metadata is not None and hasattr(fcn, "geometry") and hasattr(fcn, "input_size")
+    if getattr(fcn, "runs_outside_torch", False):
+        return "onnxruntime"
+    exportable = metadata is not None and hasattr(fcn, "geometry") and hasattr(fcn, "input_size")
     if runtime == "auto":
-        if device.type != "cpu" or precision != "fp32" or pixels < AUTO_ONNX_PIXELS or not convertible:
-            return fcn, "torch"
-        try:
-            return _onnx_twin(fcn, metadata), "onnxruntime"
-        except FcnifyError as exc:
-            _logger.info("--runtime auto: staying with PyTorch (%s)", exc)
-            return fcn, "torch"
-    if not convertible:
+        fast = device.type == "cpu" and precision == "fp32" and pixels >= AUTO_ONNX_PIXELS
+        return "onnxruntime" if fast and exportable else "torch"
+    if runtime == "onnxruntime" and not exportable:
         raise InputError("--runtime onnxruntime needs a converted PyTorch network to export",
-                         hint="give the model spec or its .pt2 (or an .onnx file, which runs on onnxruntime)")
-    return _onnx_twin(fcn, metadata), "onnxruntime"
+                         hint="give the model spec (or an .onnx file, which runs on onnxruntime)")
+    return runtime
 
 
-def _onnx_twin(fcn: nn.Module, metadata) -> nn.Module:
+def onnx_twin(fcn: nn.Module, metadata) -> nn.Module:
+    """``fcn`` exported to ONNX in memory and run by onnxruntime, once onnxruntime agrees with PyTorch.
+
+    Raises:
+        ExportError, NotEquivalentError: the export or its equivalence check failed.
+    """
     # ONNX export and onnxruntime are heavy, optional-feeling imports: load them only when asked for.
     from fcnify.onnx_export import OnnxNet, export_onnx
 

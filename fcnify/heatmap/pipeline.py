@@ -364,7 +364,7 @@ class ImageJob:
                                                  options.device, options.precision)
         self.fingerprint = _fingerprint(fcn)
         self._per_pixel: float | None = None
-        self._runtimes: dict[str, torch.nn.Module] = {}
+        self._runtimes: dict[str, torch.nn.Module | None] = {}
         _check_outdir(Path(options.outdir))
 
     def tile_cells(self) -> tuple[int, int] | None:
@@ -386,14 +386,22 @@ class ImageJob:
         return plan.cells_for_tile_size(self.bounds, (side, side))
 
     def runner(self, pixels: int) -> compute.TileNetwork:
-        """The tile network in the runtime ``--runtime`` picks for a job of ``pixels`` input pixels."""
-        module, name = compute.choose_runtime(self.fcn, self.metadata, self.options.runtime, self.network.device,
-                                              self.options.precision, pixels)
-        if module is self.fcn:
+        """The tile network in the runtime ``--runtime`` picks for ``pixels`` input pixels (exported once)."""
+        name = compute.choose_runtime(self.fcn, self.metadata, self.options.runtime, self.network.device,
+                                      self.options.precision, pixels)
+        if name == "torch" or getattr(self.fcn, "runs_outside_torch", False):
             self.network.runtime = name
             return self.network
         if name not in self._runtimes:
-            self._runtimes[name] = module
+            try:
+                self._runtimes[name] = compute.onnx_twin(self.fcn, self.metadata)
+            except FcnifyError as exc:
+                if self.options.runtime != "auto":
+                    raise
+                _logger.info("--runtime auto: staying with PyTorch (%s)", exc)
+                self._runtimes[name] = None
+        if self._runtimes[name] is None:
+            return self.network
         return compute.TileNetwork(self._runtimes[name], self.network.device, self.network.dtype,
                                    self.network.in_chans, self.network.mean, self.network.std, name)
 
@@ -478,6 +486,8 @@ def run_image(path: str, stem: str, job: ImageJob, resume: bool = False,
         row = _run_image(path, stem, job, resume, progress)
     except FcnifyError as exc:
         _logger.info("%s: %s", path, exc)
+        # A damaged input fails the same way again: leave no partial store behind (a kill keeps it).
+        sinks.remove_stale(Path(job.options.outdir), stem, keep_partial=False)
         return SummaryRow(path=str(path), status="error", error=str(exc), seconds=time.perf_counter() - started)
     row.seconds = time.perf_counter() - started
     return row
