@@ -52,10 +52,10 @@ def make_images(folder: Path, count: int, size: int) -> list[str]:
 
 def run(quick: bool = False) -> list[dict]:
     """One run of each engine; a row per engine with images/s and the ratio to the local engine."""
-    from fcnify.batch import RayOptions, ray_session, run_job
     from fcnify.convert import convert
+    from fcnify.heatmap.pipeline import HeatmapOptions
+    from fcnify.heatmap.runners import RayOptions, ray_session, run_job
     from fcnify.models import load_model
-    from fcnify.outputs import HeatmapOptions
 
     count, size = (4, 512) if quick else (8, 1024)
     cpus = os.cpu_count() or 1

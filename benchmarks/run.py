@@ -1,10 +1,12 @@
 """fcnify benchmarks: one run measures everything and writes a Markdown report (``make bench``).
 
-Sections: dense vs naive sliding window (and vs the bare backbone), tiling (time and peak memory against tile
-size, each configuration in its own process for a clean peak RSS), finer output stride by dilation vs
-shift-and-stitch, ONNX Runtime vs PyTorch on the CPU, and CUDA precision/layout (skipped without CUDA).
+Sections: dense vs naive sliding window (and vs the bare backbone), gigapixel slides through the whole
+``fcnify heatmap`` process (peak RSS and time against slide size, ResNet-50, network share, foreground
+skipping, a naive patch loop, tiles vs one shot on a PNG; ``gigapixel.py``), finer output stride by dilation vs
+shift-and-stitch, ONNX Runtime vs PyTorch on the CPU, local vs Ray engines, and CUDA precision/layout (skipped
+without CUDA).
 
-    python benchmarks/run.py                 # the full run (about 10-15 minutes on 2 CPU cores)
+    python benchmarks/run.py                 # the full run (about 40 minutes on 2 CPU cores)
     python benchmarks/run.py --quick -o x.md # a tiny version in seconds (used by the tests)
 
 All models have random weights (speed does not depend on them). Ratios come from one run on one machine.
@@ -19,8 +21,6 @@ import logging
 import os
 import platform
 import random
-import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,8 +41,6 @@ FULL = {
     "sizes": [448, 640, 1024],
     "repeats": 3,
     "crop_budget_s": 6.0,  # time every crop when that takes less than this, else extrapolate from a sample
-    "tile_image": (2400, 3000),
-    "tiles": [768, 1024, 1536],
     "stride_sizes": [448, 640],
     "onnx_sizes": [448, 1024],
 }
@@ -51,8 +49,6 @@ QUICK = {
     "sizes": [256],
     "repeats": 1,
     "crop_budget_s": 1.0,
-    "tile_image": (480, 560),
-    "tiles": [400],
     "stride_sizes": [256],
     "onnx_sizes": [],
 }
@@ -166,106 +162,17 @@ def bench_dense(cfg, report: list[str], results: dict) -> None:
                "either is negligible next to running the crops.", ""]
 
 
-# ------------------------------------------------------------------------------------------------ tiling
+# ------------------------------------------------------------------------------------------- gigapixel
 
 
-def child_tiling(args) -> None:
-    """In a fresh process: one tiling configuration; prints time and peak RSS as JSON."""
-    from fcnify.dense import DenseEngine
+def bench_gigapixel(report: list[str], results: dict, quick: bool) -> None:
+    """Slides of 6000²–24000² (and a PNG) through the whole ``fcnify heatmap`` process: ``gigapixel.py``."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import gigapixel
 
-    torch.set_num_threads(args.threads)
-    height, width = (int(v) for v in args.size.split("x"))
-    fcn = convert(tv_model("resnet18"), 224)
-    x = torch.randn(3, height, width)
-    base = _rss("VmRSS")
-    tile = None if args.tile == "none" else args.tile
-    counted = []
-    engine = DenseEngine(fcn, fcn.geometry, torch.device("cpu"), torch.float32, tile=tile,
-                         max_memory=args.max_memory, progress=lambda done, total: counted.append(total))
-    start = time.perf_counter()
-    out = engine.logits(x)
-    seconds = time.perf_counter() - start
-    peak = _rss("VmHWM")
-    torch.save(out, args.save) if args.save else None
-    print(json.dumps({"seconds": seconds, "peak_rss": peak, "base_rss": base, "tiles": counted[-1] if counted else 1,
-                      "shape": list(out.shape)}))
-
-
-def _rss(field: str) -> int:
-    """Bytes of ``VmHWM`` (peak resident set) or ``VmRSS`` from /proc/self/status.
-
-    Not ``getrusage``: on Linux a child's ``ru_maxrss`` starts from its parent's peak at fork (exec keeps it),
-    whereas ``VmHWM`` belongs to the process's own address space, which exec makes fresh.
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _run_child(args: list[str], threads: int) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "tiling", "--threads", str(threads), *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT)
-    if done.returncode != 0:
-        raise RuntimeError(f"benchmark child failed: {done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def bench_tiling(cfg, report: list[str], results: dict, threads: int) -> None:
-    from fcnify.tiling import plan_tiles, split_for_tiling
-
-    height, width = cfg["tile_image"]
-    size = f"{height}x{width}"
-    fcn = convert(tv_model("resnet18"), 224)
-    tiled = split_for_tiling(fcn, fcn.geometry)
-    report += [f"## Tiling (ResNet-18, {height}×{width} image)", "",
-               f"Exact tiles: the network is cut at node `{tiled.cut}` (stride {tiled.stride[0]}, receptive field "
-               f"{tiled.hi[0] - tiled.lo[0]} px, vs {fcn.geometry.receptive_field[0]} px for the whole network with "
-               f"its 7×7 head pool); tiles of the prefix overlap by a halo of {tiled.halo[0]} px, and the rest of "
-               "the network runs once on the stitched map. Each configuration runs in its own process; peak RSS "
-               "is the process's maximum resident set (model, image and all). *Pixels*: pixels pushed through the "
-               "prefix / image pixels (the halo overhead).", "",
-               "| configuration | tiles | pixels | time | peak RSS | RSS / one pass | peak − RSS before the run "
-               "| max abs diff vs one pass |",
-               "|---|---|---|---|---|---|---|---|"]
-    with tempfile.TemporaryDirectory() as tmp:
-        ref_path = Path(tmp) / "one.pt"
-        one = _run_child(["--size", size, "--tile", "none", "--save", str(ref_path)], threads)
-        reference = torch.load(ref_path)
-        rows = [("one pass", one, 1.0, 0.0)]
-        configs = [(str(t), ["--tile", str(t)]) for t in cfg["tiles"]]
-        budget = "1GB" if height > 1000 else "150MB"
-        configs.append((f"auto, --max-memory {budget}", ["--tile", "auto", "--max-memory", budget]))
-        for label, extra in configs:
-            path = Path(tmp) / "t.pt"
-            out = _run_child(["--size", size, "--save", str(path), *extra], threads)
-            diff = float((torch.load(path) - reference).abs().max())
-            pixels = None
-            if extra[1] != "auto":
-                t = int(extra[1])
-                pixels = plan_tiles(tiled, (height, width), (t, t)).input_pixels() / (height * width)
-            rows.append((f"tile {label}", out, pixels, diff))
-    for label, out, pixels, diff in rows:
-        ratio = out["peak_rss"] / one["peak_rss"]
-        report.append(f"| {label} | {out['tiles']} | {f'{pixels:.2f}×' if pixels else '-'} | {fmt_s(out['seconds'])} "
-                      f"| {out['peak_rss'] / 2**20:.0f} MiB | {ratio:.0%} {'✓' if ratio <= 0.6 else ''} | "
-                      f"{(out['peak_rss'] - out['base_rss']) / 2**20:.0f} MiB | {diff:.1e} |")
-        results.setdefault("tiling", []).append({"config": label, **out, "pixels": pixels, "rss_ratio": ratio,
-                                                  "max_abs_diff": diff})
-    # The halo overhead as a function of the tile size (computed, not timed).
-    report += ["", "Halo overhead against tile size T (ResNet-18 prefix: halo h = "
-               f"{tiled.halo[0]} px, stride s = 32): an interior tile keeps m = ⌊(T − h) / s⌋ cells, i.e. m·s "
-               "new pixels per axis, so it computes (T / (m·s))² times the pixels it keeps:", "",
-               "| T | kept px per axis | overhead (2-D) |", "|---|---|---|"]
-    for t in (384, 512, 640, 768, 1024, 1536, 2048):
-        m = (t - tiled.halo[0]) // 32
-        if m >= 1:
-            report.append(f"| {t} | {m * 32} | {(t / (m * 32)) ** 2:.2f}× |")
-    report.append("")
+    lines, figures = gigapixel.run(quick=quick)
+    report += lines
+    results["gigapixel"] = figures
 
 
 # ---------------------------------------------------------------------------------------- output stride
@@ -424,17 +331,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-o", "--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="also write the raw figures as JSON")
-    parser.add_argument("--only", default="dense,tiling,stride,onnx,engines,cuda", help="comma-separated sections")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--size", help=argparse.SUPPRESS)
-    parser.add_argument("--tile", help=argparse.SUPPRESS)
-    parser.add_argument("--max-memory", help=argparse.SUPPRESS)
-    parser.add_argument("--save", help=argparse.SUPPRESS)
+    parser.add_argument("--only", default="dense,gigapixel,stride,onnx,engines,cuda",
+                        help="comma-separated sections")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    if args.child == "tiling":
-        child_tiling(args)
-        return 0
     torch.set_num_threads(args.threads)
     cfg = QUICK if args.quick else FULL
     sections = set(args.only.split(","))
@@ -443,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
               " (`make bench`); all figures from one run. Random weights.", "", *machine(args.threads), ""]
     results: dict = {}
     steps = [("dense", lambda: bench_dense(cfg, report, results)),
-             ("tiling", lambda: bench_tiling(cfg, report, results, args.threads)),
+             ("gigapixel", lambda: bench_gigapixel(report, results, args.quick)),
              ("stride", lambda: bench_stride(cfg, report, results)),
              ("onnx", lambda: bench_onnx(cfg, report, results, args.threads)),
              ("engines", lambda: bench_engines(report, results, args.quick)),

@@ -1,4 +1,4 @@
-"""Small real models and images shared by the heatmap tests (images, dense, render, outputs)."""
+"""Small real models and images shared by the heatmap tests (images, dense, render, pipeline outputs, plan)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from PIL import Image
 from torch import nn
 
 from fcnify.convert import convert
+from fcnify.heatmap.pipeline import HeatmapOptions, ImageJob, output_stems
+from fcnify.heatmap.runners import run_paths
 
 LABELS = tuple(f"class{i}" for i in range(10)) + ("background",)
 MEAN, STD = (0.5,), (0.25,)
@@ -77,3 +79,32 @@ def save(image: Image.Image, path: Path, **kwargs) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, **kwargs)
     return path
+
+
+def run_images(paths, outdir, meta=SMALL_META, fcn=None, progress=None, finished=None, **options):
+    """``pipeline.run_image`` over ``paths`` (the local engine's loop, without ``summary.parquet``): one
+    ``SummaryRow`` each. ``options`` are ``HeatmapOptions`` fields (device defaults to cpu)."""
+    fcn = fcn or converted_small()
+    options.setdefault("device", "cpu")
+    job = ImageJob(fcn, fcn.geometry, meta, HeatmapOptions(outdir=Path(outdir), **options))
+    paths = [str(p) for p in paths]
+    return run_paths(paths, output_stems(paths), job, progress=progress, finished=finished)
+
+
+class ArrayView:
+    """An in-memory image with the ``LevelView`` interface ``compute.compute_tiles`` reads: ``size``,
+    ``downsample`` and ``read(y, x, h, w)`` (h×w×3 uint8). Records the regions read."""
+
+    def __init__(self, rgb: np.ndarray):
+        rgb = np.asarray(rgb, dtype=np.uint8)
+        self.rgb = np.repeat(rgb[..., None], 3, axis=2) if rgb.ndim == 2 else rgb
+        self.size = (int(self.rgb.shape[0]), int(self.rgb.shape[1]))
+        self.downsample = (1.0, 1.0)
+        self.level = 0
+        self.mpp = None
+        self.reads: list[tuple[int, int, int, int]] = []
+
+    def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        assert 0 <= y and 0 <= x and y + h <= self.size[0] and x + w <= self.size[1], (y, x, h, w, self.size)
+        self.reads.append((y, x, h, w))
+        return self.rgb[y:y + h, x:x + w].copy()

@@ -132,3 +132,22 @@ def slide_net(classes: int = 3) -> nn.Module:
         nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 8 * 8, classes),
     ).eval()
+
+
+class PaddedNet(nn.Module):
+    """Padding everywhere, a ceil-mode pool, a residual block: the hard case for tiling."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.pool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+        self.down = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.tail = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.pool(self.stem(x))
+        x = F.relu(x + self.block(x))
+        x = F.relu(self.tail(F.relu(self.down(x))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))

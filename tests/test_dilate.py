@@ -6,8 +6,7 @@ import pytest
 import torch
 import torchvision
 from conftest import relative_error
-from nets import SENet
-from test_tiling import PaddedNet
+from nets import PaddedNet, SENet
 
 from fcnify.convert import convert
 from fcnify.convert.dilate import DilatedAvgPool2d, dilate, shift_and_stitch

@@ -18,8 +18,8 @@ import pyarrow.parquet as pq  # noqa: E402
 from PIL import Image  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from fcnify.batch import read_summary  # noqa: E402
 from fcnify.cli import app  # noqa: E402
+from fcnify.heatmap.runners import read_summary  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -46,7 +46,7 @@ def use_test_token(mp: pytest.MonkeyPatch) -> str:
 @pytest.fixture(scope="module")
 def local_ray():
     """One local Ray for the module: 2 CPUs, node IP and every server on 127.0.0.1, token auth on, no dashboard."""
-    from fcnify.batch import ray_session
+    from fcnify.heatmap.runners import ray_session
 
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("RAY_ADDRESS", raising=False)
@@ -111,8 +111,9 @@ def assert_same_summary(local: Path, ray: Path) -> None:
     assert a.schema.equals(b.schema)
     assert (ray / SUMMARY).is_dir() and (local / SUMMARY).is_file()  # Ray's writer gives a folder
     for column in a.column_names:
-        if column != "top":
+        if column not in ("top", "seconds"):  # seconds: each engine's own timing
             assert a.column(column).to_pylist() == b.column(column).to_pylist(), column
+    assert all(t is not None and t >= 0 for t in b.column("seconds").to_pylist())
     for top_a, top_b in zip(a.column("top").to_pylist(), b.column("top").to_pylist(), strict=True):
         assert [p["label"] for p in top_a] == [p["label"] for p in top_b]
         assert [(p["y"], p["x"]) for p in top_a] == [(p["y"], p["x"]) for p in top_b]
@@ -156,8 +157,9 @@ def test_every_manifest_format_on_ray(local_ray, scenes, tmp_path, kind):
     assert result.exit_code == 0, result.output
     assert report["ok"] == 2
     stems = [Path(i).stem for i in images]
+    # The scenes are digits on black: --foreground auto finds the background and saves its mask too.
     assert output_files(outdir) == {f"{s}.{suffix}" for s in stems
-                                    for suffix in ("heatmap.png", "classes.png", "scores.npz")}
+                                    for suffix in ("heatmap.png", "classes.png", "mask.png", "scores.npz")}
     assert read_summary(outdir).column("stem").to_pylist() == stems
 
 
@@ -198,7 +200,8 @@ def test_resume_redoes_exactly_the_incomplete_inputs(local_ray, scenes, tmp_path
         for path in outdir.glob(f"{name}.*"):
             assert path.stat().st_mtime_ns == before[path.name]
     for name in names[:2]:
-        assert all((outdir / f"{name}.{s}").is_file() for s in ("heatmap.png", "classes.png", "scores.npz"))
+        assert all((outdir / f"{name}.{s}").is_file() for s in ("heatmap.png", "classes.png", "mask.png",
+                                                                "scores.npz"))
     # Skipped rows are filled from their scores.npz: the same as a fresh run's.
     fresh = tmp_path / "fresh"
     assert heatmap(scenes, "-o", fresh)[0].exit_code == 0

@@ -1,4 +1,5 @@
-"""fcnify.render: cell-centred upsampling, colour overlays and the per-class figure (pure, no files)."""
+"""fcnify.heatmap.render (cell-centred upsampling, colour overlays, colormaps) and fcnify.heatmap.previews (the
+previews drawn from a score map and the per-class figure): pure, no files."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import pytest
 import torch
 from heatmap_helpers import LABELS, MEAN, STD, converted_small, noise_image
 
-from fcnify.dense import ScoreMap, score_map
+from fcnify.dense import score_map
 from fcnify.errors import InputError
+from fcnify.heatmap.previews import classes_figure, colour_lut, preview_shape, render_previews
+from fcnify.heatmap.render import colormap, label_colours, overlay, upsample_to_image
 from fcnify.images import prepare
-from fcnify.render import classes_figure, colormap, label_colours, overlay, upsample_to_image
 
 GEOM = SimpleNamespace(stride=(4, 4), offset=(0, 0), window=(16, 16))  # cell (i, j) centred at (8+4i, 8+4j)
 
@@ -76,25 +78,96 @@ def test_label_colours_are_distinct():
         assert len({tuple(c) for c in colours}) == count
 
 
+def test_colour_lut_is_the_colormap_sampled_at_256_points():
+    for name in ("inferno", "viridis", "gray"):
+        lut = colour_lut(name)
+        expected = np.round(matplotlib.colormaps[name](np.linspace(0, 1, 256))[:, :3] * 255)
+        assert lut.dtype == np.uint8 and lut.shape == (256, 3)
+        np.testing.assert_array_equal(lut, expected.astype(np.uint8))
+    with pytest.raises(InputError, match="unknown colormap"):
+        colour_lut("nope")
+
+
+def test_preview_shape_caps_the_longest_side():
+    assert preview_shape((480, 640), 4096) == (480, 640)
+    assert preview_shape((3000, 8000), 4000) == (1500, 4000)
+    assert preview_shape((100000, 10), 100) == (100, 1)
+
+
+def _one_hot(shape=(5, 7), cell=(2, 3), classes=2) -> np.ndarray:
+    """Probabilities K×h×w: class 1 is 1 at ``cell`` and 0 elsewhere (class 0 the rest)."""
+    scores = np.zeros((classes, *shape), dtype=np.float32)
+    scores[0] = 1.0
+    scores[0][cell] = 0.0
+    scores[1][cell] = 1.0
+    return scores
+
+
+@pytest.mark.parametrize("image_size, geometry, cap", [
+    ((32, 40), GEOM, 4096),  # full size: the window centre (16, 20)
+    ((320, 400), SimpleNamespace(stride=(40, 40), offset=(0, 0), window=(160, 160)), 64),  # capped: 51×64
+    ((96, 100), SimpleNamespace(stride=(10.5, 10.5), offset=(3.0, 3.0), window=(21.0, 21.0)), 50),  # floats
+])
+def test_render_previews_peak_at_the_window_centre(image_size, geometry, cap):
+    """The overlay of a map whose one cell is 1 (grey colormap, opaque) is brightest at that cell's window
+    centre, within a pixel, at full size and at a capped preview size; so is the class panel."""
+    scores = _one_hot()
+    shape = preview_shape(image_size, cap)
+    image = np.zeros((*shape, 3), np.uint8)
+    previews = render_previews(scores, geometry, image, image_size, [1], [0, 1], "gray", 1.0, cap, panel_size=32)
+    centre = (geometry.offset[0] + 2 * geometry.stride[0] + geometry.window[0] / 2,
+              geometry.offset[1] + 3 * geometry.stride[1] + geometry.window[1] / 2)
+    overlay_1 = previews.overlays[1]
+    assert overlay_1.shape == (*shape, 3) and overlay_1.dtype == np.uint8
+    assert previews.preview_scale == pytest.approx((image_size[0] / shape[0], image_size[1] / shape[1]))
+    for picture, scale in ((overlay_1[..., 0].astype(float), previews.preview_scale),
+                           (previews.panels[1], previews.panel_scale)):
+        ys, xs = np.nonzero(picture == np.nanmax(picture))
+        assert np.all(np.abs(ys + 0.5 - centre[0] / scale[0]) <= 1.0), (ys, centre, scale)
+        assert np.all(np.abs(xs + 0.5 - centre[1] / scale[1]) <= 1.0), (xs, centre, scale)
+    # Far from the cell the map is 0: black under an opaque grey colormap; the label map is class 0 there.
+    assert overlay_1[0, 0].tolist() == [0, 0, 0] and previews.argmax[0, 0] == 0
+    ys, xs = np.nonzero(previews.argmax == 1)
+    assert len(ys) and np.all(np.abs(ys + 0.5 - centre[0] / previews.panel_scale[0]) <= 0.5 * (
+        geometry.stride[0] / previews.panel_scale[0]) + 1)
+
+
+def test_render_previews_leave_background_cells_transparent():
+    scores = np.full((2, 5, 7), np.nan, dtype=np.float32)
+    scores[:, :, 4:] = 0.5  # only the right part computed
+    image = np.full((32, 40, 3), 77, np.uint8)
+    previews = render_previews(scores, GEOM, image, (32, 40), [0], [0], "gray", 1.0)
+    left, right = previews.overlays[0][:, :12], previews.overlays[0][:, 30:]
+    assert (left == 77).all() and (right == 128).all()  # the image where nothing was computed
+    assert np.isnan(previews.panels[0][:, :12]).all() and (previews.argmax[:, :12] == -1).all()
+    assert (previews.argmax[:, 30:] == 0).all()
+
+
 def test_classes_figure_has_a_panel_per_class_and_a_label_map(tmp_path):
     fcn = converted_small()
     image = noise_image(size=(48, 64))
     smap = score_map(fcn, prepare(image, 1, MEAN, STD, min_size=(32, 32)), fcn.geometry, LABELS, "cpu")
-    fig = classes_figure(smap, image, top_k=4, cmap="viridis")
+    rgb = np.asarray(image.convert("RGB"))
+    top = smap.top_classes(4)
+    previews = render_previews(smap.scores.numpy(), smap, rgb, smap.image_size, [], top, "viridis")
+    fig = classes_figure(previews, LABELS, top, {k: smap.peak(k) for k in top}, cmap="viridis")
     titles = [ax.get_title() for ax in fig.axes if ax.get_visible() and ax.get_title()]
     assert len(titles) == 5 and titles[-1] == "most probable class"
-    for k, title in zip(smap.top_classes(4), titles[:4], strict=True):
+    for k, title in zip(top, titles[:4], strict=True):
         assert title.startswith(LABELS[k]) and f"{smap.peak(k)[0]:.3f}" in title
     colorbars = [ax for ax in fig.axes if ax.get_ylabel() == "probability"]
     assert len(colorbars) == 4
+    present = {int(k) for k in np.unique(smap.argmax_map().numpy())}
+    assert {int(k) for k in np.unique(previews.argmax)} == present  # every cell owns some panel pixels
     legend = fig.axes[4].get_legend()
-    assert legend is not None and {t.get_text() for t in legend.get_texts()} == {
-        LABELS[int(k)] for k in np.unique(smap.argmax_map().numpy())}
+    assert legend is not None and {t.get_text() for t in legend.get_texts()} == {LABELS[k] for k in present}
     fig.savefig(tmp_path / "f.png")  # renders on the Agg canvas without pyplot
     assert (tmp_path / "f.png").stat().st_size > 1000
 
 
 def test_classes_figure_with_one_class():
-    smap = ScoreMap(torch.zeros(2, 1, 1), ("a", "b"), (1, 1), (0, 0), (4, 4), (4, 4))
-    fig = classes_figure(smap, np.zeros((4, 4, 3), np.uint8), top_k=1)
+    scores = np.full((2, 1, 1), 0.5, dtype=np.float32)
+    geometry = SimpleNamespace(stride=(1, 1), offset=(0, 0), window=(4, 4))
+    previews = render_previews(scores, geometry, np.zeros((4, 4, 3), np.uint8), (4, 4), [0], [0])
+    fig = classes_figure(previews, ("a", "b"), [0], {0: (0.5, (2.0, 2.0))})
     assert [ax.get_title() for ax in fig.axes if ax.get_title()] == ["a  peak 0.500", "most probable class"]

@@ -415,7 +415,8 @@ def _fingerprint(fcn) -> str:
     for name, tensor in sorted(fcn.state_dict().items()) if hasattr(fcn, "state_dict") else []:
         digest.update(name.encode())
         if isinstance(tensor, torch.Tensor):
-            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()[:1 << 16])
+            # reshape(-1): 0-dim buffers (BatchNorm's num_batches_tracked) cannot be viewed as bytes directly.
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
             digest.update(str(tuple(tensor.shape)).encode())
     return digest.hexdigest()[:16]
 
@@ -456,6 +457,7 @@ class TileProgress:
     resumed: int = 0
     todo: int = 0
     runtime: str | None = None
+    peaks: compute.PeakTracker | None = field(default=None, repr=False)
 
     @property
     def finished(self) -> int:
@@ -497,6 +499,7 @@ def _run_image(path: str, stem: str, job: ImageJob, resume: bool,
                progress: Callable[[TileProgress], None] | None) -> SummaryRow:
     options, model = job.options, job.model
     outdir = Path(options.outdir)
+    _make_stem_folder(outdir, stem)
     with open_source(path, options.max_pixels) as source:
         view = open_view(source, level=options.level, mpp=options.mpp, scale=options.scale)
         if options.scales and not source.whole:
@@ -512,7 +515,7 @@ def _run_image(path: str, stem: str, job: ImageJob, resume: bool,
                     mpp=float(view.mpp[0]) if view.mpp else None, scores_format=fmt,
                     preprocessing=model.preprocessing)
         if resume:
-            done = _completed(path, targets, model, fmt, options.top_k)
+            done = _completed(path, outdir, targets, model, fmt, options.top_k)
             if done is not None:
                 return done
         mask = plan.estimate_foreground(view, job.window, options.foreground)
@@ -529,7 +532,7 @@ def _run_image(path: str, stem: str, job: ImageJob, resume: bool,
             computed = compute.foreground_tiles(tiles, mask, job.bounds)
             sink, scores, state = _compute(path, view, job, tiles, mask, computed, targets, attrs, fmt, resume,
                                            progress)
-        peaks = _peaks(scores, tiles)
+        peaks = state.peaks if state.peaks is not None else _peaks(scores, tiles)
         draw = list(job.classes) or peaks.top(1) or [0]
         top = peaks.top(max(1, int(options.top_k))) or [0]
         view_geometry = _ViewGeometry(*(tuple(getattr(job.geometry, n)) for n in ("stride", "offset", "window")))
@@ -543,8 +546,13 @@ def _run_image(path: str, stem: str, job: ImageJob, resume: bool,
                 target = outdir / Path(stem).with_name(Path(stem).name + ".mask.png")
                 tmp = staged.path(target)
                 Image.fromarray(mask.mask.astype(np.uint8) * 255).save(tmp, format="PNG")
+            mask_name = [] if mask is None else [str(target)]
+            outputs = [str(t) for key, t in targets.items() if key != "scores"] + mask_name + [str(targets["scores"])]
             summary = {"tiles": {"total": tiles.count, "computed": int(sum(computed))},
-                       "peaks": [asdict(p) for p in summary_top]}
+                       "peaks": [asdict(p) for p in summary_top],
+                       # What a --resume row reports without redoing the image (see _completed).
+                       "row": {"padded": tiles.canvas != tuple(view.size),
+                               "outputs": [os.path.relpath(o, outdir) for o in outputs], **info}}
             if fmt == "zarr":
                 staged.folder(sink.finish(sinks.status_grid(tiles, computed), summary), targets["scores"])
             else:
@@ -563,6 +571,16 @@ def _run_image(path: str, stem: str, job: ImageJob, resume: bool,
                       tiles=tiles.count, tiles_computed=state.computed, tiles_background=state.background,
                       tiles_resumed=state.resumed, background_fraction=state.background / max(1, tiles.count),
                       megapixels=view.size[0] * view.size[1] / 1e6, runtime=state.runtime, **info)
+
+
+def _make_stem_folder(outdir: Path, stem: str) -> None:
+    """Create the sub-folder of a stem such as ``a/photo`` (inputs sharing a file name keep their folders)."""
+    folder = (outdir / stem).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot write to {folder}: {exc.strerror or exc}",
+                          hint="remove the file in the way or choose another -o folder") from exc
 
 
 def _attrs_extra(job: ImageJob, tiles, mask, model: ModelInfo) -> dict:
@@ -602,9 +620,20 @@ def _compute(path, view, job: ImageJob, tiles, mask, computed, targets, attrs, f
         if progress is not None:
             progress(state)
 
-    compute.compute_tiles(view, tiles, network, job.bounds, todo, mask, sink.write, options.batch_size,
-                          labels=len(job.model.labels), done=done)
+    # Peaks are tracked as tiles are written; only tiles an earlier run finished are read back for them.
+    state.peaks = compute.PeakTracker(len(job.model.labels))
     scores = sink.array if fmt == "zarr" else sink.scores
+    for index in sorted(getattr(sink, "done", ())):
+        tile = tiles.tile(index)
+        block = np.asarray(scores[:, tile.rows.first:tile.rows.last, tile.cols.first:tile.cols.last], np.float32)
+        state.peaks.update(block, tile.rows.first, tile.cols.first)
+
+    def write(tile, block) -> None:
+        sink.write(tile, block)
+        state.peaks.update(block, tile.rows.first, tile.cols.first)
+
+    compute.compute_tiles(view, tiles, network, job.bounds, todo, mask, write, options.batch_size,
+                          labels=len(job.model.labels), done=done)
     return sink, scores, state
 
 
@@ -646,29 +675,33 @@ def _centre(peaks, k: int, geometry, downsample) -> tuple[float, float]:
 
 
 def _write_previews(staged, view, scores, geometry, targets, draw, top, peaks, centres, job: ImageJob) -> None:
+    """Overlays and class panels over the whole image at level 0 (capped at ``preview_size``), whatever level or
+    scale the map was computed at: they lie on the input pixel for pixel."""
     options = job.options
-    shape = preview_shape(view.size, options.preview_size)
-    if tuple(shape) == tuple(view.size):
-        picture = view.read(0, 0, *view.size)
+    source = view.source
+    size0 = tuple(source.size)
+    shape = preview_shape(size0, options.preview_size)
+    if tuple(shape) == size0:
+        picture = source.read_region(0, 0, 0, *size0)
     else:
-        thumb, _ = read_thumbnail(view, max_pixels=4 * shape[0] * shape[1], min_downsample=1.0)
+        thumb, _ = read_thumbnail(source, max_pixels=4 * shape[0] * shape[1], min_downsample=1.0)
         picture = np.asarray(Image.fromarray(thumb).resize(shape[::-1], Image.Resampling.BILINEAR))
-    previews = render_previews(scores, geometry, picture, tuple(view.size), draw, top, options.cmap, options.alpha,
+    dy, dx = view.downsample
+    level0 = _ViewGeometry(*((v[0] * dy, v[1] * dx) for v in (geometry.stride, geometry.offset, geometry.window)))
+    previews = render_previews(scores, level0, picture, size0, draw, top, options.cmap, options.alpha,
                                options.preview_size)
     heat_targets = [t for key, t in targets.items() if key.startswith("heatmap")]
     for k, target in zip(draw, heat_targets, strict=True):
         tmp = staged.path(target)
         Image.fromarray(previews.overlays[k], mode="RGB").save(tmp, format="PNG")
-    labels = job.model.labels
-    # Peak centres for the panels, in the view's pixels (the previews' image_size).
-    view_peaks = {k: (float(peaks.values[k]), (centres[k][0] / view.downsample[0], centres[k][1] / view.downsample[1]))
-                  for k in top}
-    figure = classes_figure(previews, labels, top, view_peaks, options.cmap, dpi=options.dpi)
+    view_peaks = {k: (float(peaks.values[k]), centres[k]) for k in top}  # level-0 window centres
+    figure = classes_figure(previews, job.model.labels, top, view_peaks, options.cmap, dpi=options.dpi)
     tmp = staged.path(targets["classes"])
     figure.savefig(tmp, format="png", dpi=options.dpi)
 
 
-def _completed(path, targets: dict[str, Path], model: ModelInfo, fmt: str, top_k: int) -> SummaryRow | None:
+def _completed(path, outdir: Path, targets: dict[str, Path], model: ModelInfo, fmt: str,
+               top_k: int) -> SummaryRow | None:
     """The row of an image whose outputs are all in place and belong to this model, else None (redo it)."""
     if not all(t.exists() for t in targets.values()):
         return None
@@ -678,20 +711,29 @@ def _completed(path, targets: dict[str, Path], model: ModelInfo, fmt: str, top_k
             attrs = sinks.read_store_attrs(scores)
             if attrs is None:
                 return None
-            labels, peaks = tuple(attrs["labels"]), attrs.get("peaks", [])
+            labels, peaks, row = tuple(attrs["labels"]), attrs.get("peaks", []), attrs.get("row")
             image_size, map_size = tuple(attrs["image_size"]), tuple(attrs["map_size"])
         else:
             with np.load(scores, allow_pickle=False) as data:
                 labels = tuple(str(v) for v in data["labels"])
                 image_size = tuple(int(v) for v in data["image_size"])
                 map_size = tuple(int(v) for v in data["scores"].shape[1:])
-                peaks = json.loads(str(data["summary"]))["peaks"] if "summary" in data.files else []
+                summary = json.loads(str(data["summary"])) if "summary" in data.files else {}
+                peaks, row = summary.get("peaks", []), summary.get("row")
     except Exception as exc:  # a damaged or foreign file: redo the image
         _logger.info("%s: redoing, %s does not load (%s)", path, scores, exc)
         return None
     if labels != tuple(model.labels):
         _logger.info("%s: redoing, %s is from another model", path, scores)
         return None
+    if not isinstance(row, dict) or not isinstance(row.get("outputs"), list):
+        _logger.info("%s: redoing, %s has no record of its outputs", path, scores)
+        return None
+    outputs = tuple(str(outdir / name) for name in row["outputs"])
+    if not all(Path(o).exists() for o in outputs):
+        return None
     top = tuple(ClassPeak(**p) for p in (peaks or [])[:top_k])
+    facts = {key: row.get(key) for key in ("padded", "level", "downsample", "mpp", "preprocessing")}
+    facts["preprocessing"] = facts["preprocessing"] or {}
     return SummaryRow(path=str(path), status="ok", image_size=image_size, map_size=map_size, top=top,
-                      outputs=tuple(str(t) for t in targets.values()), skipped=True, scores_format=fmt)
+                      outputs=outputs, skipped=True, scores_format=fmt, **facts)

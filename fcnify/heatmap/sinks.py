@@ -168,7 +168,14 @@ def write_npz(path: Path, scores: np.ndarray, attrs: MapAttrs, summary: dict | N
     counts and peaks, both as JSON text."""
     with np.errstate(divide="ignore", invalid="ignore"):
         logits = np.log(np.maximum(scores, np.float32(1e-30)))
-    extra = {key: np.asarray(value) for key, value in attrs.extra.items() if not isinstance(value, dict)}
+    # Plain values also get a key of their own; None and nested ones live only in the JSON ``attributes``
+    # (np.asarray(None) is an object array, which np.load(allow_pickle=False) refuses).
+    extra = {}
+    for key, value in attrs.extra.items():
+        if value is not None and not isinstance(value, dict):
+            array = np.asarray(value)
+            if array.dtype != object:
+                extra[key] = array
     with open(path, "wb") as f:
         np.savez_compressed(
             f, scores=scores.astype(np.float32), logits=logits.astype(np.float32),
