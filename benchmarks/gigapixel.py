@@ -136,8 +136,9 @@ def network_only(slide: Path, runtime: str) -> dict:
         pixels = sum(t.input_shape[0] * t.input_shape[1] for t in todo)
         network = job.runner(pixels)
         batches: list[list] = []
-        for tile in todo:  # the batching of compute.compute_tiles: same-size runs of at most batch_size
-            if batches and len(batches[-1]) < options.batch_size and batches[-1][0].input_shape == tile.input_shape:
+        size = job.tiles_per_batch(tiles.tile(0).input_shape)
+        for tile in todo:  # the batching of compute.compute_tiles: same-size runs of at most `size`
+            if batches and len(batches[-1]) < size and batches[-1][0].input_shape == tile.input_shape:
                 batches[-1].append(tile)
             else:
                 batches.append([tile])

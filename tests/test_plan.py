@@ -346,3 +346,21 @@ def test_a_larger_budget_gives_a_larger_tile(padded, digits, tmp_path):
     assert cells() == cells(tile="auto") == cells(max_memory=f"{DEFAULT_TILE_BUDGET}B")
     with pytest.raises(InputError, match="--max-memory .* too small"):
         cells(max_memory="1KB")
+
+
+def test_a_batch_of_tiles_fits_the_memory_budget_together(digits, tmp_path):
+    """Tiles run together only as far as their summed working set fits the budget (at least one at a time)."""
+    meta = SimpleNamespace(in_chans=1, mean=(0.1,), std=(0.3,), labels=tuple("0123456789") + ("bg",))
+
+    def job(**options):
+        return ImageJob(digits, digits.geometry, meta, HeatmapOptions(outdir=tmp_path, device="cpu", **options))
+
+    default = job()
+    per_tile = default.per_pixel() * 2048 * 2048
+    assert per_tile > DEFAULT_TILE_BUDGET / 2  # the default tile of this network: one per batch
+    assert default.tiles_per_batch((2048, 2048)) == 1
+    assert default.tiles_per_batch((64, 64)) == 8  # --batch-size's default
+    assert job(batch_size=3).tiles_per_batch((64, 64)) == 3
+    four = int(4.5 * default.per_pixel() * 256 * 256)
+    assert job(max_memory=f"{four}B", batch_size=16).tiles_per_batch((256, 256)) == 4
+    assert job(max_memory="1KB").tiles_per_batch((256, 256)) == 1

@@ -32,7 +32,7 @@ from PIL import Image
 
 from fcnify.errors import FcnifyError, InputError, OutputError
 from fcnify.heatmap import compute, plan, sinks
-from fcnify.heatmap.memory import bytes_per_pixel, parse_memory, parse_tile, tile_side
+from fcnify.heatmap.memory import DEFAULT_TILE_BUDGET, bytes_per_pixel, parse_memory, parse_tile, tile_side
 from fcnify.heatmap.previews import classes_figure, preview_shape, render_previews
 from fcnify.heatmap.sources import open_source, open_view, read_thumbnail
 
@@ -367,13 +367,25 @@ class ImageJob:
         self._runtimes: dict[str, torch.nn.Module | None] = {}
         _check_outdir(Path(options.outdir))
 
+    def per_pixel(self) -> float:
+        """Bytes of the network's working set per input pixel (measured once)."""
+        if self._per_pixel is None:
+            self._per_pixel = bytes_per_pixel(self.fcn, self.model.in_chans, self.window)
+        return self._per_pixel
+
+    def tiles_per_batch(self, input_shape: tuple[int, int]) -> int:
+        """How many tiles of ``input_shape`` run together: ``batch_size``, but no more than fit the memory budget
+        together (a batch's working set is its tiles' sum), and at least one."""
+        budget = parse_memory(self.options.max_memory) if self.options.max_memory else DEFAULT_TILE_BUDGET
+        fit = int(budget // max(1.0, self.per_pixel() * input_shape[0] * input_shape[1]))
+        return max(1, min(int(self.options.batch_size), fit))
+
     def tile_cells(self) -> tuple[int, int] | None:
         """Cells per tile for this job's options (None: one tile per image)."""
         tile = parse_tile(self.options.tile)
         if isinstance(tile, tuple):
             return plan.cells_for_tile_size(self.bounds, tile)
-        if self._per_pixel is None:
-            self._per_pixel = bytes_per_pixel(self.fcn, self.model.in_chans, self.window)
+        self.per_pixel()
         budget = parse_memory(self.options.max_memory) if self.options.max_memory else None
         side = tile_side(self._per_pixel, budget)
         minimum = max(self.bounds.halo(a) + self.bounds.stride[a] for a in range(2))
@@ -632,7 +644,8 @@ def _compute(path, view, job: ImageJob, tiles, mask, computed, targets, attrs, f
         sink.write(tile, block)
         state.peaks.update(block, tile.rows.first, tile.cols.first)
 
-    compute.compute_tiles(view, tiles, network, job.bounds, todo, mask, write, options.batch_size,
+    batch = job.tiles_per_batch(tiles.tile(0).input_shape) if todo else 1
+    compute.compute_tiles(view, tiles, network, job.bounds, todo, mask, write, batch,
                           labels=len(job.model.labels), done=done)
     return sink, scores, state
 
