@@ -20,10 +20,12 @@ from heatmap_helpers import (
     noise_image,
     run_images,
     save,
+    split_heatmap,
 )
 from PIL import Image
 
 from fcnify.errors import InputError, OutputError
+from fcnify.heatmap.legend import legend_height
 from fcnify.heatmap.pipeline import HeatmapOptions, ImageJob, output_stems, resolve_classes, run_image
 from fcnify.heatmap.render import upsample_to_image
 from fcnify.heatmap.runners import run_job
@@ -80,7 +82,7 @@ def test_outputs_round_trip(tmp_path):
     assert sorted(Path(p).name for p in row.outputs) == _files(tmp_path / "out")
 
     with Image.open(tmp_path / "out" / "scene.heatmap.png") as heat:
-        assert heat.size == (64, 48) and heat.mode == "RGB"
+        assert heat.size == (64, 48 + legend_height(64)) and heat.mode == "RGB"  # the legend strip below
     with Image.open(tmp_path / "out" / "scene.classes.png") as fig:
         assert fig.format == "PNG"
     with np.load(tmp_path / "out" / "scene.scores.npz", allow_pickle=False) as data:
@@ -153,8 +155,8 @@ def test_scaled_geometry_is_float_in_original_pixels(tmp_path):
 def test_scaled_heatmap_has_the_input_size(tmp_path):
     image_path = save(noise_image(size=(96, 128)), tmp_path / "big.png")
     assert run_images([image_path], tmp_path / "out", scale=0.5, top_k=1)[0].status == "ok"
-    with Image.open(tmp_path / "out" / "big.heatmap.png") as heat:
-        assert heat.size == (128, 96)
+    overlay, _ = split_heatmap(tmp_path / "out" / "big.heatmap.png")
+    assert overlay.shape == (96, 128, 3)
 
 
 def test_several_classes_give_one_heatmap_each(tmp_path):
@@ -169,8 +171,7 @@ def test_several_classes_give_one_heatmap_each(tmp_path):
     run_images([image_path], tmp_path / "grey", classes=("class1", "10"), top_k=1, cmap="gray", alpha=1.0)
     geometry = SimpleNamespace(stride=(2, 2), offset=(0, 0), window=(32, 32))
     for k, name in ((1, "class1"), (10, "background")):
-        with Image.open(tmp_path / "grey" / f"x.heatmap.{name}.png") as png:
-            heat = np.asarray(png.convert("L")).astype(float)
+        heat = split_heatmap(tmp_path / "grey" / f"x.heatmap.{name}.png", "L")[0].astype(float)
         expected = upsample_to_image(scores[k], geometry, (48, 64)) * 255
         assert np.abs(heat - expected).max() <= 1.5, name
 
@@ -179,8 +180,7 @@ def test_small_image_is_padded_and_reported(tmp_path):
     image_path = save(noise_image(size=(20, 50)), tmp_path / "small.png")
     row = run_images([image_path], tmp_path / "out", top_k=1)[0]
     assert row.status == "ok" and row.padded and row.map_size == (1, 10) and row.image_size == (20, 50)
-    with Image.open(tmp_path / "out" / "small.heatmap.png") as heat:
-        assert heat.size == (50, 20)
+    assert split_heatmap(tmp_path / "out" / "small.heatmap.png")[0].shape == (20, 50, 3)
     with np.load(tmp_path / "out" / "small.scores.npz") as data:
         assert data["scores"].shape == (11, 1, 10) and data["image_size"].tolist() == [20, 50]
 
@@ -194,8 +194,7 @@ def test_heatmap_brightest_pixel_is_at_the_blob(tmp_path, scale, scene, centre):
                      cmap="gray", alpha=1.0, scale=scale, foreground="all", top_k=1)[0]
     assert row.status == "ok"
     stride = 2 / scale
-    with Image.open(tmp_path / "out" / "blob.heatmap.png") as png:
-        heat = np.asarray(png.convert("L")).astype(int)
+    heat = split_heatmap(tmp_path / "out" / "blob.heatmap.png", "L")[0].astype(int)
     factor = (scene[0] / heat.shape[0], scene[1] / heat.shape[1])  # input pixels per heatmap pixel
     if scale == 1.0:
         assert heat.shape == scene

@@ -161,11 +161,11 @@ def add_legend(overlay: np.ndarray, label: str, colours: ColourRange, lut: np.nd
         draw.text((left, top + row / 2), low, fill=ink, font=font, anchor="lm")
         draw.text((right, top + row / 2), high, fill=ink, font=font, anchor="rm")
         left, right = left + math.ceil(low_w) + pad, right - math.ceil(high_w) - pad
-    left, right = max(0, left), min(width, right)
+    left, right = max(1, left), min(width - 1, right)
     if right > left:
         steps = np.round(np.linspace(0, 255, right - left)).astype(np.intp)
         bar = np.repeat(lut[steps][None], row, axis=0)
         strip.paste(Image.fromarray(np.ascontiguousarray(bar)), (left, top))
-        if right - left > 2:
-            draw.rectangle((left, top, right - 1, top + row - 1), outline=ink)
+        # The frame lies just outside the bar: every bar pixel is a table colour, the ends exactly lut[0], lut[255].
+        draw.rectangle((left - 1, top - 1, right, top + row), outline=ink)
     return np.concatenate([np.asarray(overlay, dtype=np.uint8), np.asarray(strip)], axis=0)
