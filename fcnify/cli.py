@@ -293,11 +293,11 @@ def heatmap(
     cmap: Annotated[str, typer.Option("--cmap", help="A matplotlib colormap.")] = "inferno",
     alpha: Annotated[float, typer.Option("--alpha", min=0.0, max=1.0, help="Heatmap opacity.")] = 0.5,
     vmin: Annotated[float | None, typer.Option(
-        "--vmin", help="Probability at the colormap's low end (default 0); lower values take its first colour.")] = None,
+        "--vmin", help="Probability at the colormap's low end (default 0), e.g. 0.02.")] = None,
     vmax: Annotated[float | None, typer.Option(
         "--vmax", help="Probability at the colormap's high end (default 1), e.g. 0.3 for a weak model.")] = None,
     normalize: Annotated[bool, typer.Option(
-        "--normalize", help="Colour each map from its own lowest to highest probability (said in the legend).")] = False,
+        "--normalize", help="Colour each map from its own lowest to highest probability.")] = False,
     level: Annotated[int | None, typer.Option("--level", min=0, help="Pyramid level to compute at (0: full resolution).")] = None,
     mpp: Annotated[float | None, typer.Option(
         "--mpp", help="Compute at this many µm per pixel (nearest finer level, resampled).")] = None,
@@ -351,7 +351,8 @@ def heatmap(
     if not paths:
         raise FcnifyError("no images given", hint="name image files or folders, or pass --manifest FILE")
     options = HeatmapOptions(outdir=outdir, classes=tuple(classes or ()), top_k=top_k, cmap=cmap, alpha=alpha,
-                             vmin=vmin, vmax=vmax, normalize=normalize, scale=scale, max_pixels=max_pixels, device=device, precision=precision,
+                             vmin=vmin, vmax=vmax, normalize=normalize,
+                             scale=scale, max_pixels=max_pixels, device=device, precision=precision,
                              batch_size=batch_size, tile=tile, max_memory=max_memory, output_stride=output_stride,
                              scales=tuple(parse_scales(scales)) if scales else (), combine=combine, level=level,
                              mpp=mpp, foreground=foreground, scores=scores, scores_dtype=scores_dtype,

@@ -206,9 +206,11 @@ def test_range_fraction_clips_and_survives_a_constant_map():
 
 def test_legend_text_names_the_class_the_range_and_how_it_was_chosen():
     assert legend_text("tiger cat", ColourRange()) == "tiger cat — probability 0–1"
-    assert legend_text("cat", ColourRange(0.0213, 0.3087, "per-map")) == "cat — probability 0.02–0.31 (per-map min–max)"
+    per_map = ColourRange(0.0213, 0.3087, "per-map")
+    assert legend_text("cat", per_map) == "cat — probability 0.02–0.31 (per-map min–max)"
     assert legend_text("7", ColourRange(0.1, 0.5, "fixed")) == "7 — probability 0.1–0.5 (fixed range)"
-    assert legend_text("a", ColourRange(0.25, 0.25, "per-map")) == "a — probability 0.25 everywhere (per-map min–max)"
+    constant = ColourRange(0.25, 0.25, "per-map")
+    assert legend_text("a", constant) == "a — probability 0.25 everywhere (per-map min–max)"
 
 
 def test_range_ticks_use_the_fewest_decimals_that_keep_the_ends():

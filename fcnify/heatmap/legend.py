@@ -23,8 +23,7 @@ __all__ = ["ColourRange", "add_legend", "colour_range", "legend_height", "legend
 
 LEGEND_MIN_HEIGHT = 28
 LEGEND_MAX_HEIGHT = 64
-#: The colour mapping modes: 0–1, a fixed ``--vmin``/``--vmax`` range, each map's own min–max (``--normalize``).
-RANGE_MODES = ("probability", "fixed", "per-map")
+#: The colour range's modes (0–1; --vmin/--vmax; --normalize) and how the legend says them.
 _MODE_WORDS = {"probability": "", "fixed": "fixed range", "per-map": "per-map min–max"}
 
 

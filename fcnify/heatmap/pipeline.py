@@ -157,7 +157,6 @@ class HeatmapOptions:
                 raise InputError("--scales combines maps held in memory, not --scores zarr",
                                  hint="drop --scores zarr, or compute one resolution with --level/--mpp")
 
-
     def _validate_range(self) -> None:
         if self.normalize and (self.vmin is not None or self.vmax is not None):
             raise InputError("--normalize and --vmin/--vmax both given",
@@ -717,6 +716,8 @@ def _write_previews(staged, view, scores, geometry, targets, draw, top, peaks, c
     # --normalize: each class's own computed min and max, tracked tile by tile as the map was written.
     ranges = {k: colour_range(options.vmin, options.vmax, options.normalize, float(peaks.minima[k]),
                               float(peaks.values[k])) for k in {*draw, *top}}
+    if options.normalize and any(ranges[k].mode != "per-map" for k in draw):
+        _logger.info("--normalize: a drawn class has no computed cell; its legend keeps 0–1")
     previews = render_previews(scores, level0, picture, size0, draw, top, options.cmap, options.alpha,
                                options.preview_size, ranges=ranges)
     heat_targets = [t for key, t in targets.items() if key.startswith("heatmap")]

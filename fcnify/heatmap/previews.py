@@ -4,7 +4,9 @@ The map (an in-memory array or the zarr store) is read in bands of rows; each ba
 whose cell coordinates fall in it. Values are interpolated bilinearly between cell centres (each cell sits at
 its window's centre), ignoring NaN (background) neighbours; pixels with no computed neighbour stay
 transparent. The colormap is applied as a 256-entry lookup table on uint8, so the cost is a few array
-operations per preview pixel, never a full-resolution figure.
+operations per preview pixel, never a full-resolution figure. Each class's ``ColourRange`` (0–1, ``--vmin``/
+``--vmax`` or its own min–max) says which probabilities the table's ends stand for; the heatmap's legend strip
+(``legend.add_legend``) says the same in words.
 """
 
 from __future__ import annotations
@@ -168,8 +170,9 @@ _BOX_SIDE, _BOX_MAX, _BOX_MIN, _BOX_FLAT = 4.0, 6.0, 0.3, 1.2
 _TITLE, _MARGIN, _BAR_GAP, _BAR_WIDTH, _BAR_TEXT = 0.32, 0.15, 0.06, 0.14, 0.7
 
 
-#: The peak ring's outer radius in inches (a 14 pt marker with a 1.5 pt edge).
-_RING = 15.5 / 2 / 72
+#: The peak ring: marker size and edge width in points, and its outer radius in inches.
+_MARKER, _EDGE = 14.0, 1.5
+_RING = (_MARKER + _EDGE) / 2 / 72
 
 
 def _inside(position: float, length: int, radius: float) -> float:
@@ -250,10 +253,11 @@ def classes_figure(previews: Previews, labels: Sequence[str], classes: Sequence[
         ax.set_axis_off()
         return ax
 
+    extent = (-0.5, width - 0.5, height - 0.5, -0.5)
+
     def fill(ax, picture: np.ndarray, **kwargs):
         # aspect="auto": the box already has the picture's aspect, and the picture fills it exactly.
-        return ax.imshow(picture, interpolation="nearest", aspect="auto", extent=(-0.5, width - 0.5, height - 0.5,
-                                                                                 -0.5), **kwargs)
+        return ax.imshow(picture, interpolation="nearest", aspect="auto", extent=extent, **kwargs)
 
     faded = (rgb.astype(np.float32) * 0.35 + 255 * 0.15).astype(np.uint8)
     sy, sx = previews.panel_scale
@@ -262,14 +266,15 @@ def classes_figure(previews: Previews, labels: Sequence[str], classes: Sequence[
         ax = picture_axes(i, titles[i])
         fill(ax, faded)
         scale = ranges.get(k, ColourRange())
-        low, high = scale.vmin, scale.vmax if scale.vmax > scale.vmin else scale.vmin + 1e-3
-        shown = fill(ax, previews.panels[k], cmap=cm, vmin=low, vmax=high, alpha=0.75)
+        # A constant map under --normalize still needs a colorbar of some extent.
+        high = scale.vmax if scale.vmax > scale.vmin else scale.vmin + 1e-3
+        shown = fill(ax, previews.panels[k], cmap=cm, vmin=scale.vmin, vmax=high, alpha=0.75)
         # A hollow ring around the hotspot: the peak stays visible under the marker. The ring is kept whole
         # inside the picture: a peak at the edge, or a window centre beyond a padded image's edge, is drawn
         # with the ring moved inwards (the peak then lies on or inside it), never cut off or lost.
         ax.plot([_inside(px / sx - 0.5, width, _RING * width / box_w)],
                 [_inside(py / sy - 0.5, height, _RING * height / box_h)],
-                marker="o", markersize=_RING * 2 * 72 - 1.5, markerfacecolor="none", markeredgecolor="cyan", mew=1.5)
+                marker="o", markersize=_MARKER, markerfacecolor="none", markeredgecolor="cyan", mew=_EDGE)
         ax.set_xlim(-0.5, width - 0.5)
         ax.set_ylim(height - 0.5, -0.5)
         left, bottom, _, tall = box(i)
