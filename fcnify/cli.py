@@ -248,7 +248,8 @@ def _print_report(report, geometry, as_json: bool) -> None:
 
 def _heatmap_table(rows) -> Table:
     table = Table(title="Dense class maps")
-    for column in ("image", "size", "map", "tiles (bg)", "top classes (peak @ window centre y, x px)"):
+    for column in ("image", "size", "map", "tiles (bg)",
+                   "top classes: peak @ y, x = window centre (corner + window/2), level-0 px"):
         table.add_column(column)
     for row in rows:
         if row.status != "ok":
@@ -291,6 +292,12 @@ def heatmap(
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="Classes in <stem>.classes.png.")] = 4,
     cmap: Annotated[str, typer.Option("--cmap", help="A matplotlib colormap.")] = "inferno",
     alpha: Annotated[float, typer.Option("--alpha", min=0.0, max=1.0, help="Heatmap opacity.")] = 0.5,
+    vmin: Annotated[float | None, typer.Option(
+        "--vmin", help="Probability at the colormap's low end (default 0), e.g. 0.02.")] = None,
+    vmax: Annotated[float | None, typer.Option(
+        "--vmax", help="Probability at the colormap's high end (default 1), e.g. 0.3 for a weak model.")] = None,
+    normalize: Annotated[bool, typer.Option(
+        "--normalize", help="Colour each map from its own lowest to highest probability.")] = False,
     level: Annotated[int | None, typer.Option("--level", min=0, help="Pyramid level to compute at (0: full resolution).")] = None,
     mpp: Annotated[float | None, typer.Option(
         "--mpp", help="Compute at this many µm per pixel (nearest finer level, resampled).")] = None,
@@ -344,6 +351,7 @@ def heatmap(
     if not paths:
         raise FcnifyError("no images given", hint="name image files or folders, or pass --manifest FILE")
     options = HeatmapOptions(outdir=outdir, classes=tuple(classes or ()), top_k=top_k, cmap=cmap, alpha=alpha,
+                             vmin=vmin, vmax=vmax, normalize=normalize,
                              scale=scale, max_pixels=max_pixels, device=device, precision=precision,
                              batch_size=batch_size, tile=tile, max_memory=max_memory, output_stride=output_stride,
                              scales=tuple(parse_scales(scales)) if scales else (), combine=combine, level=level,

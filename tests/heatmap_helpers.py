@@ -12,6 +12,7 @@ from PIL import Image
 from torch import nn
 
 from fcnify.convert import convert
+from fcnify.heatmap.legend import legend_height
 from fcnify.heatmap.pipeline import HeatmapOptions, ImageJob, output_stems
 from fcnify.heatmap.runners import run_paths
 
@@ -79,6 +80,15 @@ def save(image: Image.Image, path: Path, **kwargs) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, **kwargs)
     return path
+
+
+def split_heatmap(path: Path, mode: str = "RGB") -> tuple[np.ndarray, np.ndarray]:
+    """A ``<stem>.heatmap.png`` as (overlay, legend strip): the strip is the bottom ``legend_height(width)`` rows."""
+    with Image.open(path) as png:
+        pixels = np.asarray(png.convert(mode))
+    strip = legend_height(pixels.shape[1])
+    assert pixels.shape[0] > strip, pixels.shape
+    return pixels[:-strip], pixels[-strip:]
 
 
 def run_images(paths, outdir, meta=SMALL_META, fcn=None, progress=None, finished=None, **options):

@@ -20,10 +20,12 @@ from heatmap_helpers import (
     noise_image,
     run_images,
     save,
+    split_heatmap,
 )
 from PIL import Image
 
 from fcnify.errors import InputError, OutputError
+from fcnify.heatmap.legend import legend_height
 from fcnify.heatmap.pipeline import HeatmapOptions, ImageJob, output_stems, resolve_classes, run_image
 from fcnify.heatmap.render import upsample_to_image
 from fcnify.heatmap.runners import run_job
@@ -80,7 +82,7 @@ def test_outputs_round_trip(tmp_path):
     assert sorted(Path(p).name for p in row.outputs) == _files(tmp_path / "out")
 
     with Image.open(tmp_path / "out" / "scene.heatmap.png") as heat:
-        assert heat.size == (64, 48) and heat.mode == "RGB"
+        assert heat.size == (64, 48 + legend_height(64)) and heat.mode == "RGB"  # the legend strip below
     with Image.open(tmp_path / "out" / "scene.classes.png") as fig:
         assert fig.format == "PNG"
     with np.load(tmp_path / "out" / "scene.scores.npz", allow_pickle=False) as data:
@@ -153,8 +155,8 @@ def test_scaled_geometry_is_float_in_original_pixels(tmp_path):
 def test_scaled_heatmap_has_the_input_size(tmp_path):
     image_path = save(noise_image(size=(96, 128)), tmp_path / "big.png")
     assert run_images([image_path], tmp_path / "out", scale=0.5, top_k=1)[0].status == "ok"
-    with Image.open(tmp_path / "out" / "big.heatmap.png") as heat:
-        assert heat.size == (128, 96)
+    overlay, _ = split_heatmap(tmp_path / "out" / "big.heatmap.png")
+    assert overlay.shape == (96, 128, 3)
 
 
 def test_several_classes_give_one_heatmap_each(tmp_path):
@@ -169,8 +171,7 @@ def test_several_classes_give_one_heatmap_each(tmp_path):
     run_images([image_path], tmp_path / "grey", classes=("class1", "10"), top_k=1, cmap="gray", alpha=1.0)
     geometry = SimpleNamespace(stride=(2, 2), offset=(0, 0), window=(32, 32))
     for k, name in ((1, "class1"), (10, "background")):
-        with Image.open(tmp_path / "grey" / f"x.heatmap.{name}.png") as png:
-            heat = np.asarray(png.convert("L")).astype(float)
+        heat = split_heatmap(tmp_path / "grey" / f"x.heatmap.{name}.png", "L")[0].astype(float)
         expected = upsample_to_image(scores[k], geometry, (48, 64)) * 255
         assert np.abs(heat - expected).max() <= 1.5, name
 
@@ -179,8 +180,7 @@ def test_small_image_is_padded_and_reported(tmp_path):
     image_path = save(noise_image(size=(20, 50)), tmp_path / "small.png")
     row = run_images([image_path], tmp_path / "out", top_k=1)[0]
     assert row.status == "ok" and row.padded and row.map_size == (1, 10) and row.image_size == (20, 50)
-    with Image.open(tmp_path / "out" / "small.heatmap.png") as heat:
-        assert heat.size == (50, 20)
+    assert split_heatmap(tmp_path / "out" / "small.heatmap.png")[0].shape == (20, 50, 3)
     with np.load(tmp_path / "out" / "small.scores.npz") as data:
         assert data["scores"].shape == (11, 1, 10) and data["image_size"].tolist() == [20, 50]
 
@@ -194,8 +194,7 @@ def test_heatmap_brightest_pixel_is_at_the_blob(tmp_path, scale, scene, centre):
                      cmap="gray", alpha=1.0, scale=scale, foreground="all", top_k=1)[0]
     assert row.status == "ok"
     stride = 2 / scale
-    with Image.open(tmp_path / "out" / "blob.heatmap.png") as png:
-        heat = np.asarray(png.convert("L")).astype(int)
+    heat = split_heatmap(tmp_path / "out" / "blob.heatmap.png", "L")[0].astype(int)
     factor = (scene[0] / heat.shape[0], scene[1] / heat.shape[1])  # input pixels per heatmap pixel
     if scale == 1.0:
         assert heat.shape == scene
@@ -282,6 +281,144 @@ def test_a_failure_mid_image_leaves_no_file(tmp_path, monkeypatch, where):
     assert "No space left" in rows[0].error and "cannot write" in rows[0].error
     assert _files(tmp_path / "out") == sorted(before)  # no x.* and no temporaries
     assert {p: (tmp_path / "out" / p).read_bytes() for p in before} == before
+
+
+# ------------------------------------------------------------------------------------------- colour ranges
+
+
+def _expected_overlay(image_path: Path, scores: np.ndarray, lo: float, hi: float, cmap: str, alpha: float):
+    """What the overlay should be: lut[(p - lo) / (hi - lo)] blended with alpha over the image, p the map
+    resampled to the image (cell-centred)."""
+    from fcnify.heatmap.previews import colour_lut
+
+    geometry = SimpleNamespace(stride=(2, 2), offset=(0, 0), window=(32, 32))
+    rgb = np.asarray(Image.open(image_path).convert("RGB")).astype(np.float64)
+    p = upsample_to_image(scores, geometry, rgb.shape[:2])
+    index = np.round(np.clip((p - lo) / (hi - lo), 0, 1) * 255).astype(int)
+    return (1 - alpha) * rgb + alpha * colour_lut(cmap)[index].astype(np.float64)
+
+
+def test_vmin_vmax_colour_the_overlay_as_stated(tmp_path):
+    """--vmin/--vmax: a pixel of probability p is coloured lut[(p - vmin) / (vmax - vmin)] blended with alpha;
+    the legend strip is below the overlay, which is the image's size."""
+    image_path = save(noise_image(size=(48, 64), mode="RGB", seed=7), tmp_path / "x.png")
+    row = run_images([image_path], tmp_path / "out", classes=("class1",), cmap="viridis", alpha=0.5, vmin=0.05,
+                     vmax=0.12, top_k=1)[0]
+    assert row.status == "ok", row.error
+    with np.load(tmp_path / "out" / "x.scores.npz") as data:
+        scores = data["scores"][1]
+    assert scores.min() < 0.12 and scores.max() > 0.05  # the range cuts through this map
+    overlay, legend = split_heatmap(tmp_path / "out" / "x.heatmap.png")
+    assert overlay.shape == (48, 64, 3) and legend.shape == (legend_height(64), 64, 3)
+    expected = _expected_overlay(image_path, scores, 0.05, 0.12, "viridis", 0.5)
+    diff = np.abs(overlay.astype(np.float64) - expected)
+    assert diff.max() <= 3 and diff.mean() <= 0.5  # a neighbouring table entry at most, where p is a tie
+    default = run_images([image_path], tmp_path / "plain", classes=("class1",), cmap="viridis", alpha=0.5,
+                         top_k=1)[0]
+    assert default.status == "ok"
+    plain = split_heatmap(tmp_path / "plain" / "x.heatmap.png")[0]
+    assert np.abs(plain - _expected_overlay(image_path, scores, 0.0, 1.0, "viridis", 0.5)).max() <= 3
+    assert np.abs(plain.astype(int) - overlay).max() > 20  # the range really changed the colours
+
+
+def test_normalize_uses_each_maps_own_min_and_max_tracked_tile_by_tile(tmp_path):
+    """--normalize (grey, opaque): the overlay is (p - min) / (max - min) of the class's computed cells, with
+    min and max tracked per tile (--tile 40: 8 tiles) equal to the whole map's."""
+    image_path = save(noise_image(size=(48, 64), seed=4), tmp_path / "x.png")
+    row = run_images([image_path], tmp_path / "out", classes=("class1", "background"), cmap="gray", alpha=1.0,
+                     normalize=True, tile=40, top_k=2)[0]
+    assert row.status == "ok" and row.tiles == 8
+    with np.load(tmp_path / "out" / "x.scores.npz") as data:
+        scores = data["scores"]
+    for k, name in ((1, "class1"), (10, "background")):
+        overlay, _ = split_heatmap(tmp_path / "out" / f"x.heatmap.{name}.png")
+        lo, hi = float(np.nanmin(scores[k])), float(np.nanmax(scores[k]))
+        assert hi - lo < 0.5  # a weak map: 0–1 would leave it nearly flat
+        expected = _expected_overlay(image_path, scores[k], lo, hi, "gray", 1.0)
+        assert np.abs(overlay - expected).max() <= 1.5, name
+        # Most of the colormap is used (pixels fall between cell centres, so not quite its ends).
+        assert int(overlay.max()) - int(overlay.min()) > 150 > 255 * (hi - lo)
+
+
+def test_peak_tracker_minima_ignore_nan_and_follow_every_tile():
+    from fcnify.heatmap.compute import PeakTracker
+
+    tracker = PeakTracker(2)
+    assert np.isposinf(tracker.minima).all()
+    block = np.array([[[0.5, np.nan], [0.2, 0.9]], [[np.nan, np.nan], [np.nan, np.nan]]], np.float32)
+    tracker.update(block, 0, 0)
+    assert tracker.minima[0] == pytest.approx(0.2) and np.isposinf(tracker.minima[1])  # no computed cell
+    tracker.update(np.array([[[0.1]], [[0.7]]], np.float32), 5, 5)
+    assert tracker.minima.tolist() == pytest.approx([0.1, 0.7]) and tracker.values.tolist() == pytest.approx([0.9, 0.7])
+
+
+@pytest.mark.parametrize("size", [(20, 50), (28, 28)])
+def test_tiny_and_padded_images_classes_png_fill_their_panels(tmp_path, monkeypatch, size):
+    """A 20×50 image and a 28×28 one (the window is 32: both padded): classes.png is written, and in its figure
+    every picture's extent equals its axes' limits and the axes box has the picture's aspect."""
+    import fcnify.heatmap.pipeline as pipeline
+
+    figures = []
+
+    def keep(*args, **kwargs):
+        figures.append(pipeline_figure(*args, **kwargs))
+        return figures[-1]
+
+    pipeline_figure = pipeline.classes_figure
+    monkeypatch.setattr(pipeline, "classes_figure", keep)
+    image_path = save(noise_image(size=size), tmp_path / "tiny.png")
+    row = run_images([image_path], tmp_path / "out", top_k=2)[0]
+    assert row.status == "ok" and row.padded
+    with Image.open(tmp_path / "out" / "tiny.classes.png") as png:
+        assert png.format == "PNG"
+    fig, = figures
+    pictures = [ax for ax in fig.axes if ax.images]
+    assert len(pictures) == 3
+    for ax in pictures:
+        left, right, bottom, top = ax.images[0].get_extent()
+        assert (left, right) == ax.get_xlim() == (-0.5, size[1] - 0.5)
+        assert (bottom, top) == ax.get_ylim() == (size[0] - 0.5, -0.5)
+        box = ax.get_window_extent()
+        assert box.height / box.width == pytest.approx(size[0] / size[1], rel=0.02)
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--vmin", "0.5", "--vmax", "0.2"], "--vmin 0.5 is not below --vmax 0.2"),
+    (["--vmax", "2"], "--vmax 2.0 is not between 0 and 1"),
+    (["--normalize", "--vmin", "0.1"], "--normalize and --vmin/--vmax both given"),
+])
+def test_cli_refuses_bad_colour_ranges_in_one_line(tmp_path, flags, fragment):
+    from typer.testing import CliRunner
+
+    from fcnify.cli import app
+
+    result = CliRunner().invoke(app, ["heatmap", str(SAMPLES / "digits_scene_1.png"), "-o", str(tmp_path / "o"),
+                                      *flags])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and fragment in result.output and "hint:" in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_passes_the_colour_range_through(tmp_path):
+    from typer.testing import CliRunner
+
+    from fcnify.cli import app
+
+    scene = SAMPLES / "digits_scene_1.png"
+    result = CliRunner().invoke(app, ["heatmap", str(scene), "-o", str(tmp_path / "o"), "--class", "3", "--cmap",
+                                      "gray", "--alpha", "1", "--vmax", "0.001", "--json"])
+    assert result.exit_code == 0, result.output
+    overlay, _ = split_heatmap(tmp_path / "o" / "digits_scene_1.heatmap.png", "L")
+    with np.load(tmp_path / "o" / "digits_scene_1.scores.npz") as data:
+        three = data["scores"][list(data["labels"]).index("3")]
+    computed = upsample_to_image(np.nan_to_num(three, nan=-1.0), SimpleNamespace(
+        stride=(4, 4), offset=(0, 0), window=(32, 32)), overlay.shape)
+    # Everything above 0.001 is white; the probability-0–1 map would be nearly black on most digits.
+    assert (overlay[computed > 0.002] == 255).all() and (computed > 0.002).sum() > 100
 
 
 # -------------------------------------------------------------------------------------------------- loop
@@ -375,6 +512,11 @@ def test_a_file_where_a_stem_folder_should_be_is_that_images_error(tmp_path):
     ({"max_memory": "lots"}, "--max-memory"),
     ({"scales": (0, 1)}, "--scales"),
     ({"scales": (1, 2), "scores": "zarr"}, "--scales"),
+    ({"vmin": 0.5, "vmax": 0.2}, "--vmin 0.5 is not below --vmax 0.2"),
+    ({"vmin": 1.0}, r"--vmin 1 is not below --vmax 1 \(its default\)"),
+    ({"vmax": 1.5}, "--vmax 1.5 is not between 0 and 1"),
+    ({"vmin": float("nan")}, "--vmin nan is not between 0 and 1"),
+    ({"normalize": True, "vmax": 0.3}, "--normalize and --vmin/--vmax both given"),
 ])
 def test_unknown_class_and_bad_options_fail_before_any_image(tmp_path, options, fragment):
     image_path = save(noise_image(), tmp_path / "x.png")

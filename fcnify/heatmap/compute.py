@@ -185,20 +185,32 @@ def read_tiles(view, plan: TilePlan, tiles: Iterable[Tile], prefetch: int = 2) -
 @dataclass
 class PeakTracker:
     """Each class's highest probability over the map and the cell where it is reached (first in row-major
-    order on ties, as ``torch.max`` over a whole map gives)."""
+    order on ties, as ``torch.max`` over a whole map gives), and its lowest (``--normalize`` colours each map
+    from its own minimum to its peak): both tracked tile by tile, so the map is never read whole for them.
+
+    Attributes:
+        values: K highest computed probabilities (-inf: no computed cell).
+        cells: K×2 (row, col) of each peak.
+        minima: K lowest computed probabilities (+inf: no computed cell).
+    """
 
     classes: int
     values: np.ndarray = field(init=False)
     cells: np.ndarray = field(init=False)
+    minima: np.ndarray = field(init=False)
 
     def __post_init__(self):
         self.values = np.full(self.classes, -np.inf, dtype=np.float64)
         self.cells = np.zeros((self.classes, 2), dtype=np.int64)
+        self.minima = np.full(self.classes, np.inf, dtype=np.float64)
 
     def update(self, scores: np.ndarray, first_row: int, first_col: int) -> None:
-        flat = np.where(np.isnan(scores), -np.inf, scores).reshape(scores.shape[0], -1)
+        missing = np.isnan(scores)
+        flat = np.where(missing, -np.inf, scores).reshape(scores.shape[0], -1)
         if not flat.size:
             return
+        lows = np.where(missing, np.inf, scores).reshape(scores.shape[0], -1).min(axis=1)
+        self.minima = np.minimum(self.minima, lows)
         best = flat.argmax(axis=1)
         values = flat[np.arange(flat.shape[0]), best]
         rows, cols = np.divmod(best, scores.shape[2])

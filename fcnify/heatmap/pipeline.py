@@ -4,7 +4,8 @@ For an input ``<stem>.<ext>`` it writes, in the output folder:
 
 * ``<stem>.heatmap.png`` (one class: the chosen one, else the top class) or ``<stem>.heatmap.<class>.png``
   (several): the class's probability over the image, at the image's size or, for images whose longest side
-  exceeds ``preview_size`` (4096), scaled down to it;
+  exceeds ``preview_size`` (4096), scaled down to it, with a legend strip below it (``legend.add_legend``:
+  class name, colour scale, range);
 * ``<stem>.classes.png``: a panel per top-k class and the most probable class per pixel;
 * ``<stem>.scores.npz`` (maps held in memory) or ``<stem>.scores.zarr`` (tiled sources and large maps; see
   ``choose_scores_format``): probabilities K×rows×cols with NaN for background cells, and the geometry;
@@ -32,8 +33,9 @@ from PIL import Image
 
 from fcnify.errors import FcnifyError, InputError, OutputError
 from fcnify.heatmap import compute, plan, sinks
+from fcnify.heatmap.legend import add_legend, colour_range
 from fcnify.heatmap.memory import DEFAULT_TILE_BUDGET, bytes_per_pixel, parse_memory, parse_tile, tile_side
-from fcnify.heatmap.previews import classes_figure, preview_shape, render_previews
+from fcnify.heatmap.previews import classes_figure, colour_lut, preview_shape, render_previews
 from fcnify.heatmap.sources import open_source, open_view, read_thumbnail
 
 __all__ = [
@@ -59,6 +61,9 @@ class HeatmapOptions:
         top_k: classes shown in ``<stem>.classes.png``.
         cmap: a matplotlib colormap name.
         alpha: heatmap opacity over the image (0–1).
+        vmin, vmax: the probabilities the colormap's ends stand for (default 0 and 1; values outside take
+            the end colours), so a weak model's map can use the whole colormap.
+        normalize: colour each map from its own lowest to its highest computed probability instead.
         scale: resize the image by this factor first (ordinary images; slides use ``level``/``mpp``).
         max_pixels: refuse larger ordinary images (None: Pillow's default; 0: no limit). Tiled sources
             (TIFF, slides) are never decoded whole and are not limited.
@@ -86,6 +91,9 @@ class HeatmapOptions:
     top_k: int = 4
     cmap: str = "inferno"
     alpha: float = 0.5
+    vmin: float | None = None
+    vmax: float | None = None
+    normalize: bool = False
     scale: float = 1.0
     max_pixels: int | None = None
     device: str = "auto"
@@ -139,6 +147,7 @@ class HeatmapOptions:
         for ok, message, hint in checks:
             if not ok:
                 raise InputError(message, hint=hint)
+        self._validate_range()
         parse_tile(self.tile)
         if self.max_memory is not None:
             parse_memory(self.max_memory)
@@ -147,6 +156,22 @@ class HeatmapOptions:
             if self.scores == "zarr":
                 raise InputError("--scales combines maps held in memory, not --scores zarr",
                                  hint="drop --scores zarr, or compute one resolution with --level/--mpp")
+
+    def _validate_range(self) -> None:
+        if self.normalize and (self.vmin is not None or self.vmax is not None):
+            raise InputError("--normalize and --vmin/--vmax both given",
+                             hint="choose one: --normalize stretches each map over its own min–max, "
+                                  "--vmin/--vmax fix one range for all")
+        for name, value in (("--vmin", self.vmin), ("--vmax", self.vmax)):
+            if value is not None and not 0.0 <= float(value) <= 1.0:  # also refuses NaN
+                raise InputError(f"{name} {value} is not between 0 and 1",
+                                 hint="the maps hold probabilities; e.g. --vmin 0 --vmax 0.3")
+        low = 0.0 if self.vmin is None else float(self.vmin)
+        high = 1.0 if self.vmax is None else float(self.vmax)
+        if not low < high:
+            raise InputError(f"--vmin {low:g} is not below --vmax {high:g}"
+                             + (" (its default)" if self.vmin is None or self.vmax is None else ""),
+                             hint="e.g. --vmin 0 --vmax 0.3")
 
 
 @dataclass(frozen=True)
@@ -701,14 +726,22 @@ def _write_previews(staged, view, scores, geometry, targets, draw, top, peaks, c
         picture = np.asarray(Image.fromarray(thumb).resize(shape[::-1], Image.Resampling.BILINEAR))
     dy, dx = view.downsample
     level0 = _ViewGeometry(*((v[0] * dy, v[1] * dx) for v in (geometry.stride, geometry.offset, geometry.window)))
+    # --normalize: each class's own computed min and max, tracked tile by tile as the map was written.
+    ranges = {k: colour_range(options.vmin, options.vmax, options.normalize, float(peaks.minima[k]),
+                              float(peaks.values[k])) for k in {*draw, *top}}
+    if options.normalize and any(ranges[k].mode != "per-map" for k in draw):
+        _logger.info("--normalize: a drawn class has no computed cell; its legend keeps 0–1")
     previews = render_previews(scores, level0, picture, size0, draw, top, options.cmap, options.alpha,
-                               options.preview_size)
+                               options.preview_size, ranges=ranges)
     heat_targets = [t for key, t in targets.items() if key.startswith("heatmap")]
+    lut = colour_lut(options.cmap)
     for k, target in zip(draw, heat_targets, strict=True):
         tmp = staged.path(target)
-        Image.fromarray(previews.overlays[k], mode="RGB").save(tmp, format="PNG")
+        framed = add_legend(previews.overlays[k], job.model.labels[k], ranges[k], lut)
+        Image.fromarray(framed, mode="RGB").save(tmp, format="PNG")
     view_peaks = {k: (float(peaks.values[k]), centres[k]) for k in top}  # level-0 window centres
-    figure = classes_figure(previews, job.model.labels, top, view_peaks, options.cmap, dpi=options.dpi)
+    figure = classes_figure(previews, job.model.labels, top, view_peaks, options.cmap, dpi=options.dpi,
+                            ranges=ranges)
     tmp = staged.path(targets["classes"])
     figure.savefig(tmp, format="png", dpi=options.dpi)
 

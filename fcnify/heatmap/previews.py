@@ -4,7 +4,9 @@ The map (an in-memory array or the zarr store) is read in bands of rows; each ba
 whose cell coordinates fall in it. Values are interpolated bilinearly between cell centres (each cell sits at
 its window's centre), ignoring NaN (background) neighbours; pixels with no computed neighbour stay
 transparent. The colormap is applied as a 256-entry lookup table on uint8, so the cost is a few array
-operations per preview pixel, never a full-resolution figure.
+operations per preview pixel, never a full-resolution figure. Each class's ``ColourRange`` (0–1, ``--vmin``/
+``--vmax`` or its own min–max) says which probabilities the table's ends stand for; the heatmap's legend strip
+(``legend.add_legend``) says the same in words.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from fcnify.heatmap.legend import ColourRange
 from fcnify.heatmap.render import colormap, label_colours
 
 __all__ = ["Previews", "classes_figure", "colour_lut", "preview_shape", "render_previews"]
@@ -96,7 +99,8 @@ class Previews:
 
 def render_previews(scores, geometry, image: np.ndarray, image_size: tuple[int, int], draw: Sequence[int],
                     panel_classes: Sequence[int], cmap: str = "inferno", alpha: float = 0.5,
-                    preview_size: int = 4096, panel_size: int = 768) -> Previews:
+                    preview_size: int = 4096, panel_size: int = 768,
+                    ranges: dict[int, ColourRange] | None = None) -> Previews:
     """Draw the overlays of classes ``draw`` and the class panels of ``panel_classes`` from a score map.
 
     Args:
@@ -104,7 +108,9 @@ def render_previews(scores, geometry, image: np.ndarray, image_size: tuple[int, 
         geometry: ``stride``, ``offset``, ``window`` (y, x) in the pixels of ``image_size``.
         image: the image at preview size (``preview_shape(image_size, preview_size)``), H×W×3 uint8.
         image_size: the size the geometry refers to.
+        ranges: class → the probabilities the colormap's ends stand for in its overlay (default 0–1).
     """
+    ranges = ranges or {}
     classes, cells_h, cells_w = (int(v) for v in scores.shape)
     shape = tuple(image.shape[:2])
     panel_shape = preview_shape(image_size, panel_size)
@@ -128,7 +134,7 @@ def render_previews(scores, geometry, image: np.ndarray, image_size: tuple[int, 
         if len(rows) and draw:
             heat = _bilinear(block[list(draw)], first, ys, rows, xs)
             for index, k in enumerate(draw):
-                _blend_rows(overlays[k], rows, heat[index], lut, alpha)
+                _blend_rows(overlays[k], rows, heat[index], lut, alpha, ranges.get(k, ColourRange()))
         ys, xs = axes["panel"]
         rows = np.nonzero((ys.low >= first) & (ys.low < last))[0]
         if len(rows) and panel_classes:
@@ -149,67 +155,142 @@ def render_previews(scores, geometry, image: np.ndarray, image_size: tuple[int, 
                     (image_size[0] / panel_shape[0], image_size[1] / panel_shape[1]))
 
 
-def _blend_rows(target: np.ndarray, rows: np.ndarray, heat: np.ndarray, lut: np.ndarray, alpha: float) -> None:
+def _blend_rows(target: np.ndarray, rows: np.ndarray, heat: np.ndarray, lut: np.ndarray, alpha: float,
+                colours: ColourRange) -> None:
     valid = ~np.isnan(heat)
-    index = np.clip(np.round(np.nan_to_num(heat) * 255), 0, 255).astype(np.uint8)
+    index = np.clip(np.round(colours.fraction(np.nan_to_num(heat)) * 255), 0, 255).astype(np.uint8)
     colour = lut[index].astype(np.float32)
     base = target[rows].astype(np.float32)
     blended = np.clip(np.round((1 - alpha) * base + alpha * colour), 0, 255).astype(np.uint8)
     target[rows] = np.where(valid[..., None], blended, target[rows])
 
 
+#: The classes figure's layout, in inches: an image box's longer side, its limits, and what sits around it.
+_BOX_SIDE, _BOX_MAX, _BOX_MIN, _BOX_FLAT = 4.0, 6.0, 0.3, 1.2
+_TITLE, _MARGIN, _BAR_GAP, _BAR_WIDTH, _BAR_TEXT = 0.32, 0.15, 0.06, 0.14, 0.7
+
+
+#: The peak ring: marker size and edge width in points, and its outer radius in inches.
+_MARKER, _EDGE = 14.0, 1.5
+_RING = (_MARKER + _EDGE) / 2 / 72
+
+
+def _inside(position: float, length: int, radius: float) -> float:
+    """``position`` (data units, pixels span -0.5…length-0.5) moved so a ring of ``radius`` stays inside."""
+    low, high = -0.5 + radius, length - 0.5 - radius
+    return float(np.clip(position, low, high)) if low <= high else (length - 1) / 2
+
+
+def _box_size(height: int, width: int) -> tuple[float, float]:
+    """An image box's (width, height) in inches with the image's aspect: 4 in on the longer side, at most 6 in
+    tall, and at least 1.2 in tall for flat images (at most 8 in wide) so a colorbar beside it stays legible.
+    Only extreme shapes (a side under 0.3 in) are stretched to fit."""
+    aspect = height / max(width, 1)
+    box_w, box_h = (_BOX_SIDE, _BOX_SIDE * aspect) if aspect <= 1 else (_BOX_SIDE / aspect, _BOX_SIDE)
+    if box_h > _BOX_MAX:
+        box_w, box_h = box_w * _BOX_MAX / box_h, _BOX_MAX
+    if box_h < _BOX_FLAT:
+        box_w, box_h = min(8.0, box_w * _BOX_FLAT / box_h), _BOX_FLAT
+    return max(box_w, _BOX_MIN), max(box_h, _BOX_MIN)
+
+
 def classes_figure(previews: Previews, labels: Sequence[str], classes: Sequence[int],
-                   peaks: dict[int, tuple[float, tuple[float, float]]], cmap: str = "inferno", dpi: int = 100):
+                   peaks: dict[int, tuple[float, tuple[float, float]]], cmap: str = "inferno", dpi: int = 100,
+                   ranges: dict[int, ColourRange] | None = None):
     """A matplotlib ``Figure``: one panel per class (probability over a faded image, its name, peak value and
     a hollow marker around the peak's window centre, a colorbar) and the most probable class per pixel.
 
+    Each panel's axes box is laid out with the picture's own aspect, so the picture fills it whatever the
+    image's size (a 20×50 image is drawn as large as a photo, not as a strip in an empty square), and its
+    colorbar sits right beside it at its height. A peak whose window centre lies outside the image (images
+    smaller than the window are padded) is marked at the nearest point of the image.
+
     Args:
         peaks: class → (peak probability, (y, x) window centre in image pixels).
+        ranges: class → the probabilities its colormap's ends stand for (default 0–1).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
+    ranges = ranges or {}
     cm = colormap(cmap).with_extremes(bad=(0, 0, 0, 0))
     rgb = previews.panel_image
     height, width = rgb.shape[:2]
+    box_w, box_h = _box_size(height, width)
+    colours = label_colours(len(labels))
+    known = previews.argmax >= 0
+    present = [int(v) for v in np.unique(previews.argmax[known])]
+    # The label map's legend beside it: as many columns as its entries (0.19 in each, under a title) need.
+    legend_rows = max(1, int((box_h + _TITLE) / 0.19) - 1)
+    legend_cols = max(1, math.ceil(len(present) / legend_rows))
+    legend_w = legend_cols * (0.35 + 0.065 * max([len(str(labels[k])) for k in present] + [5]))
+    titles = [f"{labels[k]}  peak {peaks[k][0]:.3f}" for k in classes]
+    # A picture narrower than its title (a tall image) is centred under it rather than letting it spill over.
+    title_w = 0.085 * max(len(t) for t in titles + ["most probable class"])
+    indent = max(0.0, (title_w - box_w) / 2)
+    class_cell = 2 * indent + box_w + _BAR_GAP + _BAR_WIDTH + _BAR_TEXT + 2 * _MARGIN
+    label_cell = 2 * indent + box_w + 0.1 + legend_w + 2 * _MARGIN
+    cell_h = box_h + _TITLE + 2 * _MARGIN
     panels = len(classes) + 1
-    ncols = min(panels, 3)
+    ncols = max(1, min(panels, 3, int(16.0 // class_cell)))
     nrows = math.ceil(panels / ncols)
-    panel_w = 4.0
-    panel_h = max(2.0, min(8.0, panel_w * height / max(width, 1))) + 0.6
-    fig = Figure(figsize=(panel_w * ncols + 1.0, panel_h * nrows), dpi=dpi, layout="constrained")
+    column_w = [max([class_cell if i < len(classes) else label_cell for i in range(c, panels, ncols)])
+                for c in range(ncols)]
+    fig_w, fig_h = sum(column_w), cell_h * nrows
+    fig = Figure(figsize=(fig_w, fig_h), dpi=dpi)
     FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+
+    def box(i: int) -> list[float]:
+        row, col = divmod(i, ncols)
+        left = sum(column_w[:col]) + _MARGIN + indent
+        bottom = fig_h - (row + 1) * cell_h + _MARGIN
+        return [left / fig_w, bottom / fig_h, box_w / fig_w, box_h / fig_h]
+
+    def picture_axes(i: int, title: str):
+        ax = fig.add_axes(box(i))
+        ax.set_title(title, fontsize=10)
+        ax.set_axis_off()
+        return ax
+
+    extent = (-0.5, width - 0.5, height - 0.5, -0.5)
+
+    def fill(ax, picture: np.ndarray, **kwargs):
+        # aspect="auto": the box already has the picture's aspect, and the picture fills it exactly.
+        return ax.imshow(picture, interpolation="nearest", aspect="auto", extent=extent, **kwargs)
+
     faded = (rgb.astype(np.float32) * 0.35 + 255 * 0.15).astype(np.uint8)
     sy, sx = previews.panel_scale
-    for ax, k in zip(axes[:len(classes)], classes, strict=True):
-        ax.imshow(faded, interpolation="nearest")
-        shown = ax.imshow(previews.panels[k], cmap=cm, vmin=0.0, vmax=1.0, alpha=0.75, interpolation="nearest")
+    for i, k in enumerate(classes):
         peak, (py, px) = peaks[k]
-        # A hollow ring around the hotspot: the peak stays visible under the marker.
-        ax.plot([px / sx - 0.5], [py / sy - 0.5], marker="o", markersize=14, markerfacecolor="none",
-                markeredgecolor="cyan", mew=1.5)
+        ax = picture_axes(i, titles[i])
+        fill(ax, faded)
+        scale = ranges.get(k, ColourRange())
+        # A constant map under --normalize still needs a colorbar of some extent.
+        high = scale.vmax if scale.vmax > scale.vmin else scale.vmin + 1e-3
+        shown = fill(ax, previews.panels[k], cmap=cm, vmin=scale.vmin, vmax=high, alpha=0.75)
+        # A hollow ring around the hotspot: the peak stays visible under the marker. The ring is kept whole
+        # inside the picture: a peak at the edge, or a window centre beyond a padded image's edge, is drawn
+        # with the ring moved inwards (the peak then lies on or inside it), never cut off or lost.
+        ax.plot([_inside(px / sx - 0.5, width, _RING * width / box_w)],
+                [_inside(py / sy - 0.5, height, _RING * height / box_h)],
+                marker="o", markersize=_MARKER, markerfacecolor="none", markeredgecolor="cyan", mew=_EDGE)
         ax.set_xlim(-0.5, width - 0.5)
         ax.set_ylim(height - 0.5, -0.5)
-        ax.set_title(f"{labels[k]}  peak {peak:.3f}", fontsize=10)
-        ax.set_axis_off()
-        fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02, label="probability")
-    label_ax = axes[len(classes)]
-    colours = label_colours(len(labels))
+        left, bottom, _, tall = box(i)
+        cax = fig.add_axes([left + (box_w + _BAR_GAP) / fig_w, bottom, _BAR_WIDTH / fig_w, tall])
+        bar = fig.colorbar(shown, cax=cax, label="probability" + (f" ({scale.words})" if scale.words else ""))
+        bar.ax.tick_params(labelsize=8)
+        bar.ax.yaxis.label.set_size(8)
+        bar.ax.locator_params(nbins=max(2, int(box_h / 0.3)))
+    label_ax = picture_axes(len(classes), "most probable class")
     label_image = np.zeros((*previews.argmax.shape, 4))
-    known = previews.argmax >= 0
     label_image[known, :3] = colours[previews.argmax[known]]
     label_image[known, 3] = 0.6
-    label_ax.imshow(rgb, interpolation="nearest")
-    label_ax.imshow(label_image, interpolation="nearest")
-    label_ax.set_title("most probable class", fontsize=10)
-    label_ax.set_axis_off()
-    present = [int(v) for v in np.unique(previews.argmax[known])]
+    fill(label_ax, rgb)
+    fill(label_ax, label_image)
     handles = [Patch(color=colours[k], label=labels[k]) for k in present]
     if handles:
-        label_ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False,
-                        title="class", title_fontsize=8)
-    for ax in axes[panels:]:
-        ax.set_visible(False)
+        label_ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False,
+                        title="class", title_fontsize=8, ncol=legend_cols)
     return fig
