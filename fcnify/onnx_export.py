@@ -384,6 +384,10 @@ def _session(source: str | os.PathLike | bytes, providers: list[str]):
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # The CPU arena keeps every buffer it ever grew to: with tiles of several sizes it held ~1.3 GB more than
+    # the network needs (measured: 8000² slide, digits model, peak RSS 3.3 GB with it, 1.8 GB without, same
+    # speed). Without it, buffers go back to the allocator after each run.
+    options.enable_cpu_mem_arena = False
     data = source if isinstance(source, bytes) else str(source)
     return ort.InferenceSession(data, sess_options=options, providers=providers)
 

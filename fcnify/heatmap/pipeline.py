@@ -722,8 +722,10 @@ def _write_previews(staged, view, scores, geometry, targets, draw, top, peaks, c
     if tuple(shape) == size0:
         picture = source.read_region(0, 0, 0, *size0)
     else:
-        thumb, _ = read_thumbnail(source, max_pixels=4 * shape[0] * shape[1], min_downsample=1.0)
+        # Box-averaged to about the preview's size from the nearest pyramid level, then fitted exactly.
+        thumb, _ = read_thumbnail(source, max_pixels=shape[0] * shape[1], min_downsample=1.0)
         picture = np.asarray(Image.fromarray(thumb).resize(shape[::-1], Image.Resampling.BILINEAR))
+        del thumb
     dy, dx = view.downsample
     level0 = _ViewGeometry(*((v[0] * dy, v[1] * dx) for v in (geometry.stride, geometry.offset, geometry.window)))
     # --normalize: each class's own computed min and max, tracked tile by tile as the map was written.

@@ -25,6 +25,8 @@ __all__ = ["Previews", "classes_figure", "colour_lut", "preview_shape", "render_
 
 #: Bytes of map rows held at once while rendering.
 _BAND_BYTES = 64 * 2**20
+#: Preview rows blended at once.
+_PREVIEW_ROWS = 256
 
 
 def preview_shape(size: tuple[int, int], cap: int) -> tuple[int, int]:
@@ -131,10 +133,13 @@ def render_previews(scores, geometry, image: np.ndarray, image_size: tuple[int, 
         block = np.asarray(scores[:, first:min(last + 1, cells_h), :], dtype=np.float32)
         ys, xs = axes["preview"]
         rows = np.nonzero((ys.low >= first) & (ys.low < last))[0]
-        if len(rows) and draw:
-            heat = _bilinear(block[list(draw)], first, ys, rows, xs)
+        drawn = block[list(draw)] if draw else None
+        # A few hundred preview rows at a time: the float intermediates of a 4096-px-wide band stay small.
+        for begin in range(0, len(rows) if draw else 0, _PREVIEW_ROWS):
+            chunk = rows[begin:begin + _PREVIEW_ROWS]
+            heat = _bilinear(drawn, first, ys, chunk, xs)
             for index, k in enumerate(draw):
-                _blend_rows(overlays[k], rows, heat[index], lut, alpha, ranges.get(k, ColourRange()))
+                _blend_rows(overlays[k], chunk, heat[index], lut, alpha, ranges.get(k, ColourRange()))
         ys, xs = axes["panel"]
         rows = np.nonzero((ys.low >= first) & (ys.low < last))[0]
         if len(rows) and panel_classes:
