@@ -491,12 +491,15 @@ def load_model(spec: str | None = "digits", weights: str = "default", arch: str 
 
 def _exported_classifier(graph_module: nn.Module, path: Path) -> LoadedModel:
     """A classifier saved with ``torch.export.save``: its ATen graph rebuilt with modules, sized from its input."""
-    from fcnify.convert.from_export import exported_input_shape, rebuild_modules
+    from fcnify.convert.from_export import exported_classes, exported_input_shape, rebuild_modules
 
-    shape = exported_input_shape(graph_module)  # a static example input: the training channels and size
-    loaded = _user_model(rebuild_modules(graph_module), str(path), path, shape[0] if shape else None)
-    if shape is not None:
-        loaded.input_size = shape[1:]
+    channels, height, width = exported_input_shape(graph_module) or (None, None, None)
+    loaded = _user_model(rebuild_modules(graph_module), str(path), path, channels)
+    classes = exported_classes(graph_module)
+    if classes:
+        loaded.labels = _default_labels(loaded.module, classes)
+    if height and width:  # a static example size is the training size
+        loaded.input_size = (height, width)
     return loaded
 
 

@@ -22,14 +22,22 @@ from fcnify.errors import ConversionError
 _logger = logging.getLogger(__name__)
 
 
-def exported_input_shape(gm: torch.fx.GraphModule) -> tuple[int, int, int] | None:
-    """(channels, height, width) of the example the graph was exported with, when those dims are static."""
+def exported_input_shape(gm: torch.fx.GraphModule) -> tuple[int | None, int | None, int | None] | None:
+    """(channels, height, width) of the example the graph was exported with; None for a dynamic dim."""
     inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     value = inputs[0].meta.get("val") if len(inputs) == 1 else None
     shape = getattr(value, "shape", None)
-    if shape is None or len(shape) != 4 or not all(isinstance(d, int) for d in shape[1:]):
+    if shape is None or len(shape) != 4:
         return None
-    return tuple(int(d) for d in shape[1:])
+    return tuple(int(d) if isinstance(d, int) else None for d in shape[1:])
+
+
+def exported_classes(gm: torch.fx.GraphModule) -> int | None:
+    """The number of logits the exported classifier returns (N×K), when static."""
+    output = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    output = output[0] if isinstance(output, (tuple, list)) and len(output) == 1 else output
+    shape = getattr(output.meta.get("val"), "shape", None) if isinstance(output, torch.fx.Node) else None
+    return int(shape[1]) if shape is not None and len(shape) == 2 and isinstance(shape[1], int) else None
 
 
 def _pair(value, default) -> tuple[int, int]:
@@ -271,4 +279,4 @@ def rebuild_modules(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return _Rebuilder(gm).rebuild()
 
 
-__all__ = ["exported_input_shape", "rebuild_modules"]
+__all__ = ["exported_classes", "exported_input_shape", "rebuild_modules"]

@@ -393,7 +393,8 @@ def _ship_model(ray, fcn, loaded, model_file, workdir: Path) -> dict:
         from fcnify.export import ModelMetadata, save_pt2
 
         metadata = ModelMetadata(tuple(fcn.input_size), int(fcn.in_chans), tuple(loaded.mean), tuple(loaded.std),
-                                 tuple(str(v) for v in loaded.labels), fcn.geometry, loaded.source)
+                                 tuple(str(v) for v in loaded.labels), fcn.geometry, loaded.source,
+                                 normalisation=getattr(loaded, "normalisation", None) or "")
         target = save_pt2(fcn, metadata, workdir / "model.pt2")
         return {"kind": "file", "suffix": ".pt2", "ref": ray.put(target.read_bytes())}
     except (ExportError, AttributeError) as exc:
