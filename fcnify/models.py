@@ -141,6 +141,44 @@ def _torchvision(name: str, weights: str) -> LoadedModel:
 # ------------------------------------------------------------------------------------------------- timm
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers; if not, its offline mode is switched on for this process.
+
+    Offline, huggingface_hub retries each request with back-off for most of a minute before it reads its
+    cache; in offline mode it reads the cache at once (cached weights still load) or fails at once.
+    """
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    try:
+        import huggingface_hub.constants as hub
+    except ImportError:  # timm without the hub client: nothing to switch
+        return True
+    if hub.HF_HUB_OFFLINE:
+        return False
+    host = urlparse(hub.ENDPOINT).hostname or "huggingface.co"
+    answered: list[bool] = []
+
+    def probe() -> None:  # name resolution has no timeout of its own: a daemon thread bounds it
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            answered.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    if answered:
+        return True
+    _logger.info("%s is not reachable: Hugging Face Hub offline mode", host)
+    hub.HF_HUB_OFFLINE = True
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    return False
+
+
+
 def _timm(name: str, weights: str) -> LoadedModel:
     try:
         import timm
@@ -150,14 +188,16 @@ def _timm(name: str, weights: str) -> LoadedModel:
         close = difflib.get_close_matches(name, timm.list_models(), n=3)
         raise ModelLoadError(f"timm has no model '{name}'",
                              hint=f"did you mean {', '.join(close)}?" if close else "see timm.list_models()")
+    offline = weights == "default" and not _hub_reachable()
     try:
         module = timm.create_model(name, pretrained=weights == "default")
     except Exception as exc:
+        where = " (offline: the Hugging Face Hub is not reachable and they are not in its cache)" if offline else ""
         raise ModelLoadError(
-            f"cannot get the pretrained weights of timm:{name}: {type(exc).__name__}: "
-            f"{(str(exc).splitlines() or [''])[0][:160]}",
-            hint="you may be offline: pass --weights PATH with a downloaded file, or --weights none",
-        ) from exc
+            f"cannot get the pretrained weights of timm:{name}{where}: {type(exc).__name__}: "
+            f"{' '.join(str(exc).split())}",
+            hint="pass --weights PATH with a downloaded file, or --weights none",
+        ) from None
     cfg = getattr(module, "pretrained_cfg", {}) or {}
     in_chans, h, w = cfg.get("input_size", (3, None, None))
     labels = None
