@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -330,8 +331,10 @@ def _read_state_dict(path: Path) -> tuple[dict, dict]:
 
 def _safe_torch_load(path: Path):
     try:
-        # weights_only passed explicitly: TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD would otherwise flip the default.
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "looks like a TorchScript archive": said below, in one line
+            # weights_only passed explicitly: TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD would otherwise flip the default.
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         if _is_torchscript(path):
             raise UnsafeModelError(f"{path} is a TorchScript archive; loading it runs code from the file",
@@ -440,9 +443,7 @@ def _trusted_file(path: Path) -> LoadedModel:
 
 
 def _torchscript(path: Path) -> LoadedModel:
-    """TorchScript has no Python graph for torch.fx to rewrite: refuse with the true reason."""
-    import warnings
-
+    """A trusted TorchScript file; ``convert`` turns its graph into one it can rewrite, where torch can."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit's deprecation notices would bury the one line that matters
         try:
@@ -450,12 +451,7 @@ def _torchscript(path: Path) -> LoadedModel:
         except Exception as exc:
             raise ModelLoadError(f"cannot load TorchScript {path}: {type(exc).__name__}: "
                                  f"{(str(exc).splitlines() or [''])[0][:200]}", hint="the file may be truncated") from None
-    kind = getattr(module, "original_name", type(module).__name__)
-    raise ModelLoadError(
-        f"{path} is TorchScript ({kind}): its forward is compiled TorchScript code, not Python, so torch.fx "
-        "cannot trace it and fcnify cannot rewrite its head",
-        hint="convert the Python model instead: save model.state_dict() and pass --arch module:factory, or "
-        "torch.export.save(torch.export.export(model, (x,)), 'model.pt2') and convert that file")
+    return _user_model(module, str(path), path)
 
 
 def _digits_loaded(module: nn.Module) -> LoadedModel:

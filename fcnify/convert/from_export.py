@@ -173,19 +173,29 @@ def _any_batch(node: torch.fx.Node):
 _RENAMED = {"sym_size": "size", "_softmax": "softmax", "_log_softmax": "log_softmax", "_unsafe_view": "reshape"}
 
 
-def _conv2d(r: _Rebuilder, node: torch.fx.Node):
+def _conv2d(r: _Rebuilder, node: torch.fx.Node, given: dict | None = None):
+    """``conv2d(x, w, b, stride, padding, dilation, groups)``; ``given`` holds them for other signatures."""
+    given = given or {key: _arg(node, i, key, default) for key, i, default in (
+        ("stride", 3, 1), ("padding", 4, 0), ("dilation", 5, 1), ("groups", 6, 1))}
     weight = r.tensor(node.args[1])
     bias = r.tensor(_arg(node, 2, "bias"))
-    padding = _arg(node, 4, "padding", 0)
-    conv = nn.Conv2d(weight.shape[1] * int(_arg(node, 6, "groups", 1)), weight.shape[0], tuple(weight.shape[2:]),
-                     stride=_pair(_arg(node, 3, "stride", 1), 1),
-                     padding=padding if isinstance(padding, str) else _pair(padding, 0),
-                     dilation=_pair(_arg(node, 5, "dilation", 1), 1), groups=int(_arg(node, 6, "groups", 1)),
+    padding, groups = given["padding"], int(given["groups"])
+    conv = nn.Conv2d(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),
+                     stride=_pair(given["stride"], 1), padding=padding if isinstance(padding, str) else _pair(padding, 0),
+                     dilation=_pair(given["dilation"], 1), groups=groups,
                      bias=bias is not None, device=weight.device, dtype=weight.dtype)
     conv.weight = nn.Parameter(weight.detach(), requires_grad=False)
     if bias is not None:
         conv.bias = nn.Parameter(bias.detach(), requires_grad=False)
     return conv, node.args[1]
+
+
+def _convolution(r: _Rebuilder, node: torch.fx.Node):
+    """``convolution(x, w, b, stride, padding, dilation, transposed, output_padding, groups)`` (traced TorchScript)."""
+    if node.args[6] or len(node.args[1].meta.get("val", torch.empty(0, 0, 0, 0)).shape) != 4:
+        return None, None  # transposed or not 2-D: kept as the call it is
+    twin = {"stride": node.args[3], "padding": node.args[4], "dilation": node.args[5], "groups": node.args[8]}
+    return _conv2d(r, node, twin)
 
 
 def _linear(r: _Rebuilder, node: torch.fx.Node):
@@ -259,7 +269,7 @@ def _adaptive_pool2d(r: _Rebuilder, node: torch.fx.Node):
 
 
 _MODULE_BUILDERS = {
-    "conv2d": _conv2d, "linear": _linear, "batch_norm": _batch_norm, "layer_norm": _layer_norm,
+    "conv2d": _conv2d, "convolution": _convolution, "linear": _linear, "batch_norm": _batch_norm, "layer_norm": _layer_norm,
     "max_pool2d": _max_pool2d, "max_pool2d_with_indices": _max_pool2d, "avg_pool2d": _avg_pool2d,
     "adaptive_avg_pool2d": _adaptive_pool2d, "adaptive_max_pool2d": _adaptive_pool2d,
     "_native_batch_norm_legit_no_training": _batch_norm_no_training,
@@ -279,4 +289,32 @@ def rebuild_modules(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return _Rebuilder(gm).rebuild()
 
 
-__all__ = ["exported_classes", "exported_input_shape", "rebuild_modules"]
+def from_torchscript(script: torch.jit.ScriptModule, input_size: tuple[int, int], in_chans: int) -> torch.fx.GraphModule:
+    """A TorchScript classifier as a module graph: torch's TorchScript-to-export converter, then ``rebuild_modules``.
+
+    Raises:
+        ConversionError: the TorchScript graph has ops the converter cannot express (named by torch).
+    """
+    import warnings
+
+    from torch._export.converter import TS2EPConverter  # private, but the one bridge torch offers
+
+    example = (torch.zeros(1, in_chans, *input_size),)
+    export_logger = logging.getLogger("torch._export")
+    level = export_logger.level
+    export_logger.setLevel(logging.ERROR)  # "dimension specialized" notes about the example's batch of 1
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = TS2EPConverter(script, example).convert()
+    except Exception as exc:
+        raise ConversionError(
+            f"the TorchScript graph cannot be turned into a Python graph fcnify can rewrite: {type(exc).__name__}: "
+            f"{(str(exc).splitlines() or [''])[0][:300]}",
+            hint="convert the Python model instead: save model.state_dict() and pass --arch module:factory") from None
+    finally:
+        export_logger.setLevel(level)
+    return rebuild_modules(program.module())
+
+
+__all__ = ["exported_classes", "from_torchscript", "exported_input_shape", "rebuild_modules"]
