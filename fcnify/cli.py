@@ -424,7 +424,8 @@ def heatmap(
         geometry = fcn.geometry
         metadata = _metadata(loaded, fcn)
         loaded.module = None  # the original classifier is not needed any more: free its memory
-    model_file = model if model.endswith((".pt2", ".onnx")) and Path(model).is_file() else None
+    # A converted file travels to Ray workers as it is; a user's own torch.export archive was converted here.
+    model_file = model if loaded.converted and model.endswith((".pt2", ".onnx")) and Path(model).is_file() else None
     job = {"engine": engine, "ray_options": ray_options, "resume": resume, "model_file": model_file,
            "trust_model": trust_model, "metadata": metadata}
     if as_json or engine == "ray":  # Ray Data shows its own progress bars
