@@ -354,8 +354,9 @@ def ray_session(address: str | None = None, num_cpus: int | None = None,
         yield ray
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
-    # Ray's INFO lines (cluster start, Ray Data's plan) follow fcnify's level: shown with --verbose only.
-    level = logging.INFO if logging.getLogger("fcnify").isEnabledFor(logging.INFO) else logging.WARNING
+    # Ray's INFO lines (cluster start, Ray Data's plan and progress) follow fcnify's level: shown with --verbose
+    # only; --quiet hides Ray's warnings too.
+    level = max(logging.INFO, logging.getLogger("fcnify").getEffectiveLevel())
     for name in ("ray", "ray.data"):
         logging.getLogger(name).setLevel(level)
     kwargs: dict = {"log_to_driver": True, "configure_logging": True, "logging_level": level}
