@@ -331,3 +331,22 @@ def test_verbose_and_quiet_set_the_fcnify_logger(project, flag, level):
     assert invoke(*args).exit_code == 0
     assert logging.getLogger("fcnify").level == level
     logging.getLogger("fcnify").setLevel(logging.NOTSET)
+
+
+def test_timm_offline_fails_within_seconds_with_the_whole_message(monkeypatch):
+    import time
+
+    pytest.importorskip("timm")
+    hub = pytest.importorskip("huggingface_hub.constants")
+    from fcnify.errors import ModelLoadError
+    from fcnify.models import load_model
+
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", hub.HF_HUB_OFFLINE)  # restored after the test
+    monkeypatch.setattr(hub, "ENDPOINT", "https://127.0.0.1:9")  # nothing listens there: as good as offline
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    start = time.monotonic()
+    try:
+        load_model("timm:resnet18")  # the weights may be in the cache: then they load, offline
+    except ModelLoadError as exc:
+        assert "offline" in exc.message and "\n" not in exc.message and "..." not in exc.message
+    assert time.monotonic() - start < 10
