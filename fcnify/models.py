@@ -179,7 +179,6 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     return False
 
 
-
 def _timm(name: str, weights: str) -> LoadedModel:
     try:
         import timm
@@ -218,10 +217,15 @@ def _timm(name: str, weights: str) -> LoadedModel:
 # ------------------------------------------------------------------------------------------------- files
 
 
+def _assumed_normalisation(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """ImageNet's mean and std, or for one channel their grey twin (timm's choice for grayscale ImageNet)."""
+    return (IMAGENET_MEAN, IMAGENET_STD) if in_chans != 1 else ((0.449,), (0.226,))
+
+
 def _user_model(module: nn.Module, source: str, path: Path | None = None, in_chans: int | None = None) -> LoadedModel:
     """A model of the user's own: nothing says how it was trained, so ImageNet normalisation is assumed."""
     in_chans = in_chans or _channels(module)
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if in_chans != 1 else ((0.449,), (0.226,))  # timm's grey twin
+    mean, std = _assumed_normalisation(in_chans)
     return LoadedModel(module.eval(), None, in_chans, mean, std, _default_labels(module), source,
                        extra={"path": str(path)} if path is not None else {}, normalisation=ASSUMED)
 
@@ -379,6 +383,14 @@ def _load_weights_into(loaded: LoadedModel, path: Path) -> LoadedModel:
     return loaded
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 def _metadata_value(key: str, raw: str, path: Path):
     """One safetensors metadata entry (a JSON string), checked: a wrong one is named, not a traceback later."""
     def bad(why: str) -> ModelLoadError:
@@ -389,20 +401,19 @@ def _metadata_value(key: str, raw: str, path: Path):
         value = json.loads(raw)
     except ValueError:
         raise bad("not JSON") from None
-    is_number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
     if key == "input_size":
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        if _is_count(value):
             return (value, value)
-        if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) and v > 0 for v in value)):
+        if not (isinstance(value, list) and len(value) == 2 and all(_is_count(v) for v in value)):
             raise bad("not a size like 224 or [224, 192]")
         return tuple(value)
     if key == "in_chans":
-        if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        if not _is_count(value):
             raise bad("not a channel count")
         return value
     if key in ("mean", "std"):
-        value = [value] if is_number(value) else value
-        if not (isinstance(value, list) and value and all(is_number(v) for v in value)) or \
+        value = [value] if _is_number(value) else value
+        if not (isinstance(value, list) and value and all(_is_number(v) for v in value)) or \
                 (key == "std" and any(v == 0 for v in value)):
             raise bad("not a list of numbers" + (" without zeros" if key == "std" else ""))
         return tuple(float(v) for v in value)
@@ -512,8 +523,7 @@ def load_model(spec: str | None = "digits", weights: str = "default", arch: str 
         elif trust_model:
             loaded = _trusted_file(path)
         else:
-            with user_code_path():
-                obj = _safe_torch_load(path)
+            obj = _safe_torch_load(path)
             if isinstance(obj, dict):
                 raise InputError(f"{path} is a state_dict; fcnify needs the architecture too",
                                  hint="pass --arch torchvision:NAME, timm:NAME or package.module:factory")
@@ -584,7 +594,7 @@ def apply_preprocessing(loaded: LoadedModel, mean: str | None = None, std: str |
             raise InputError(f"--in-chans {in_chans}: {loaded.source} was converted for {loaded.in_chans} channels",
                              hint="leave --in-chans out for a converted model")
         if in_chans != loaded.in_chans and loaded.normalisation == ASSUMED and mean is None and std is None:
-            loaded.mean, loaded.std = (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else ((0.449,), (0.226,))
+            loaded.mean, loaded.std = _assumed_normalisation(in_chans)
         loaded.in_chans = in_chans
     for option, text in (("--mean", mean), ("--std", std)):
         if text is None:
@@ -608,8 +618,6 @@ def apply_preprocessing(loaded: LoadedModel, mean: str | None = None, std: str |
                              hint="give one name per class, in the order of the model's outputs")
         loaded.labels = names
     return loaded
-
-
 
 
 def require_input_size(loaded: LoadedModel) -> tuple[int, int]:
