@@ -87,6 +87,10 @@ def _channels(module: nn.Module) -> int:
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
             return m.in_channels
+        if getattr(m, "original_name", None) == "Conv2d":  # TorchScript keeps the layer's name and weight
+            weight = getattr(m, "weight", None)
+            if isinstance(weight, torch.Tensor) and weight.dim() == 4:
+                return int(weight.shape[1])
     return 3
 
 

@@ -78,8 +78,8 @@ def invoke(*args):
     return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
-def one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code == 1, result.output
+def one_line_error(result, *fragments: str, code: int = 1) -> None:
+    assert result.exit_code == code, result.output
     assert "Traceback" not in result.output
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
@@ -318,6 +318,30 @@ def test_torchscript_with_trust_converts_without_deprecation_noise(project, how)
     program = torch.export.load(folder / "ts.fcn.pt2").module()
     x = torch.randn(2, 3, SIZE, SIZE)
     torch.testing.assert_close(program(x).flatten(1), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_in_chans_where_the_model_cannot_say(project):
+    folder, _, _ = project
+    torch.manual_seed(0)
+    grey = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                               torch.nn.Linear(4 * 14 * 14, 2)).eval()
+    with pytest.warns(FutureWarning):
+        torch.jit.trace(grey, torch.randn(1, 1, SIZE, SIZE)).save(str(folder / "grey.pt"))
+        torch.jit.trace(grey[1:], torch.randn(1, 4, SIZE - 2, SIZE - 2)).save(str(folder / "head.pt"))
+    # A network whose first layer is not a convolution does not say how many channels it reads.
+    without = invoke("verify", "head.pt", "--trust-model", "--input-size", SIZE - 2)
+    one_line_error(without, "--in-chans", code=4)
+    result = invoke("verify", "head.pt", "--trust-model", "--input-size", SIZE - 2, "--in-chans", "4", "--json")
+    assert result.exit_code == 0, result.output
+    result = invoke("verify", "grey.pt", "--trust-model", "--input-size", SIZE, "--json")
+    assert result.exit_code == 0, result.output
+    result = invoke("convert", "grey.pt", "--trust-model", "--input-size", SIZE, "--in-chans", "1")
+    assert result.exit_code == 0, result.output
+    assert "0.449" in result.stderr  # the assumed normalisation follows the channels
+    from fcnify.models import load_model
+
+    loaded = load_model("grey.fcn.pt2")
+    assert (loaded.in_chans, loaded.mean, loaded.std) == (1, (0.449,), (0.226,))
 
 
 # ----------------------------------------------------------------------------------------------------- logging

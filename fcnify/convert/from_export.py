@@ -9,6 +9,7 @@ method or ``torch`` function it stands for. Ops with no such twin stay as they a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import operator
 
@@ -300,21 +301,34 @@ def from_torchscript(script: torch.jit.ScriptModule, input_size: tuple[int, int]
     from torch._export.converter import TS2EPConverter  # private, but the one bridge torch offers
 
     example = (torch.zeros(1, in_chans, *input_size),)
-    export_logger = logging.getLogger("torch._export")
-    level = export_logger.level
-    export_logger.setLevel(logging.ERROR)  # "dimension specialized" notes about the example's batch of 1
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _torch_logs_silenced():
             warnings.simplefilter("ignore")
             program = TS2EPConverter(script, example).convert()
     except Exception as exc:
         raise ConversionError(
             f"the TorchScript graph cannot be turned into a Python graph fcnify can rewrite: {type(exc).__name__}: "
             f"{(str(exc).splitlines() or [''])[0][:300]}",
-            hint="convert the Python model instead: save model.state_dict() and pass --arch module:factory") from None
-    finally:
-        export_logger.setLevel(level)
+            hint="check --input-size and --in-chans; else convert the Python model: save model.state_dict() and "
+            "pass --arch module:factory") from None
     return rebuild_modules(program.module())
+
+
+@contextlib.contextmanager
+def _torch_logs_silenced():
+    """Quiet torch's export machinery for a moment: it logs notes ("dimension specialized") and, for a graph it
+    cannot run, whole tracebacks at ERROR, before raising the error that fcnify reports in one line."""
+    prefixes = ("torch._export", "torch.export", "torch._subclasses", "torch.fx.experimental", "torch._dynamo")
+    names = [name for name in logging.root.manager.loggerDict if name.startswith(prefixes)] + list(prefixes)
+    loggers = [logging.getLogger(name) for name in dict.fromkeys(names)]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 __all__ = ["exported_classes", "from_torchscript", "exported_input_shape", "rebuild_modules"]
