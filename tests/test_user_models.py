@@ -279,6 +279,28 @@ def test_a_users_torch_export_archive_converts_and_matches_the_crops(project):
     assert_scores_are_the_crops(folder / "direct", model)
 
 
+def test_an_archive_exported_in_training_mode_with_a_dynamic_batch_converts_for_inference(tmp_path):
+    from nets import RichHead
+
+    from fcnify.convert import convert
+    from fcnify.models import load_model
+
+    torch.manual_seed(0)
+    model = RichHead("avg")  # BatchNorm and Dropout, left in training mode by the user
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(model, (torch.randn(2, 3, SIZE, SIZE),), dynamic_shapes={"x": {0: batch}})
+    torch.export.save(program, tmp_path / "train.pt2")
+    loaded = load_model(str(tmp_path / "train.pt2"))
+    assert (loaded.in_chans, loaded.input_size, len(loaded.labels)) == (3, (SIZE, SIZE), 7)
+    fcn = convert(loaded.module, (SIZE, SIZE), 3)
+    x = torch.randn(3, 3, SIZE + 6, SIZE + 6)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fcn(x[..., :SIZE, :SIZE]).flatten(1), model(x[..., :SIZE, :SIZE]),
+                                   rtol=1e-4, atol=1e-5)
+        assert fcn(x).shape[-2:] == (4, 4)
+
+
 def test_a_torch_export_archive_with_pickles_is_refused_without_trust(project, monkeypatch):
     folder, _, model = project
     torch.export.save(torch.export.export(model, (torch.randn(1, 3, SIZE, SIZE),)), folder / "exported.pt2")

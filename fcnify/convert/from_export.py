@@ -145,6 +145,8 @@ class _Rebuilder:
                 raise ConversionError(f"the exported graph uses the indices of {node.args[0].name}",
                                       hint="fcnify converts classifiers that use pooled values only")
             return None
+        if name in _DROPOUTS:  # an archive exported in training mode keeps dropout active: inference drops it
+            return self.env[node.args[0]]
         if packet is None:  # operator.getitem and other Python callables
             return self.graph.call_function(target, self.value(node.args), self.value(node.kwargs))
         args, kwargs = self.value(node.args), self.value(node.kwargs)
@@ -158,6 +160,10 @@ class _Rebuilder:
                 return self.graph.call_function(getattr(namespace, name), args, kwargs)
         _logger.info("keeping %s as an ATen call", target)
         return self.graph.call_function(target, args, kwargs)
+
+
+_DROPOUTS = {"dropout", "dropout_", "feature_dropout", "feature_dropout_", "alpha_dropout", "alpha_dropout_",
+             "feature_alpha_dropout"}
 
 
 def _any_batch(node: torch.fx.Node):
@@ -211,9 +217,10 @@ def _linear(r: _Rebuilder, node: torch.fx.Node):
 
 
 def _batch_norm(r: _Rebuilder, node: torch.fx.Node):
-    """``batch_norm(x, w, b, mean, var, training, momentum, eps, cudnn)``."""
+    """``batch_norm(x, w, b, mean, var, training, momentum, eps, cudnn)``: inference uses the running statistics,
+    also when the classifier was exported in training mode."""
     if _arg(node, 5, "training", False):
-        return None, None  # batch statistics: not an eval-mode BatchNorm; kept as the call it is
+        _logger.info("%s: exported in training mode; the running statistics are used", node.name)
     return _eval_batch_norm(r, node, _arg(node, 7, "eps", 1e-5))
 
 
