@@ -263,7 +263,11 @@ def _import_user_module(location: str):
         with user_code_path(folder):
             if not as_file:
                 return importlib.import_module(name)
-            spec = importlib.util.spec_from_file_location(name, Path(location).resolve())
+            file = Path(location).resolve()
+            known = sys.modules.get(name)
+            if known is not None and Path(getattr(known, "__file__", "") or "").resolve() != file:
+                name = f"fcnify_user_{name}"  # never replace a module already imported (a file named torch.py)
+            spec = importlib.util.spec_from_file_location(name, file)
             module = importlib.util.module_from_spec(spec)
             sys.modules[name] = module  # the classes it defines must be findable by name (pickle, deepcopy)
             try:
