@@ -35,8 +35,9 @@ def _logging(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also log fcnify's decisions and Ray's INFO lines.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Log errors only (no warnings).")] = False,
 ):
-    # Global options (before the command): how much fcnify logs, and Ray with it.
-    level = logging.INFO if verbose else logging.ERROR if quiet else logging.WARNING
+    # Global options (before the command): how much fcnify logs, and Ray with it. Without either, the level is
+    # the root logger's (WARNING from main()), so nothing sticks to the logger of a process that runs the app twice.
+    level = logging.INFO if verbose else logging.ERROR if quiet else logging.NOTSET
     if verbose and not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("fcnify").setLevel(level)

@@ -369,7 +369,7 @@ def test_in_chans_where_the_model_cannot_say(project):
 # ----------------------------------------------------------------------------------------------------- logging
 
 
-@pytest.mark.parametrize("flag, level", [("-v", logging.INFO), ("--quiet", logging.ERROR), (None, logging.WARNING)])
+@pytest.mark.parametrize("flag, level", [("-v", logging.INFO), ("--quiet", logging.ERROR), (None, logging.NOTSET)])
 def test_verbose_and_quiet_set_the_fcnify_logger(project, flag, level):
     _, name, _ = project
     args = ([flag] if flag else []) + ["convert", "sd.pth", "--arch", f"{name}:make_model", "--input-size", SIZE,
