@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import wraps
 from pathlib import Path
 from typing import Annotated
@@ -27,6 +28,19 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
+
+
+@app.callback()
+def _logging(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also log fcnify's decisions and Ray's INFO lines.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Log errors only (no warnings).")] = False,
+):
+    # Global options (before the command): how much fcnify logs, and Ray with it. Without either, the level is
+    # the root logger's (WARNING from main()), so nothing sticks to the logger of a process that runs the app twice.
+    level = logging.INFO if verbose else logging.ERROR if quiet else logging.NOTSET
+    if verbose and not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("fcnify").setLevel(level)
 
 
 def _fail(exc: FcnifyError) -> typer.Exit:
@@ -62,12 +76,38 @@ SizeOpt = Annotated[str | None, typer.Option("--input-size", help="Training size
 TrustOpt = Annotated[bool, typer.Option(
     "--trust-model", help="Allow pickled modules, TorchScript and unchecked .pt2: they can run code.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
+MeanOpt = Annotated[str | None, typer.Option(
+    "--mean", help="Per-channel mean of 0-1 pixels the model was trained with: 0.5 or 0.485,0.456,0.406 "
+    "(--mean 0 --std 1: raw pixels). Default: the model's own, else ImageNet's (said so).")]
+StdOpt = Annotated[str | None, typer.Option("--std", help="Per-channel std, as --mean (e.g. 0.229,0.224,0.225).")]
+LabelsOpt = Annotated[str | None, typer.Option(
+    "--labels", help="Class names: a comma list (cat,dog) or a text file with one name a line.")]
+InChansOpt = Annotated[int | None, typer.Option(
+    "--in-chans", min=1, help="Input channels, where they cannot be read from the model (1: grayscale).")]
 
 
-def _load(model: str | None, weights: str, arch: str | None, input_size: str | None, trust: bool):
-    from fcnify.models import load_model
+@dataclass(frozen=True)
+class _Preprocessing:
+    """The user's --mean, --std, --labels and --in-chans (None: keep the model's)."""
 
-    return load_model(model or "digits", weights=weights, arch=arch, input_size=input_size, trust_model=trust)
+    mean: str | None = None
+    std: str | None = None
+    labels: str | None = None
+    in_chans: int | None = None
+
+
+def _load(model: str | None, weights: str, arch: str | None, input_size: str | None, trust: bool,
+          preprocessing: _Preprocessing = _Preprocessing(), note: bool = True):
+    from fcnify.models import apply_preprocessing, load_model
+
+    loaded = load_model(model or "digits", weights=weights, arch=arch, input_size=input_size, trust_model=trust)
+    loaded = apply_preprocessing(loaded, **vars(preprocessing))
+    if note and loaded.assumed_normalisation:
+        values = "mean " + ",".join(f"{v:g}" for v in loaded.mean) + ", std " + ",".join(f"{v:g}" for v in loaded.std)
+        err_console.print(f"[yellow]note:[/] nothing says how {loaded.source} normalises its input; assuming "
+                          f"ImageNet's {values} (set --mean/--std; --mean 0 --std 1 for raw 0-1 pixels)",
+                          highlight=False, soft_wrap=True)
+    return loaded
 
 
 def _convert(loaded):
@@ -81,7 +121,8 @@ def _metadata(loaded, fcn):
     from fcnify.export import ModelMetadata
 
     return ModelMetadata(tuple(fcn.input_size), fcn.in_chans, tuple(loaded.mean), tuple(loaded.std),
-                         tuple(loaded.labels), fcn.geometry, loaded.source)
+                         tuple(loaded.labels), fcn.geometry, loaded.source,
+                         normalisation=loaded.normalisation or "")
 
 
 def _fmt(value: float) -> str:
@@ -98,9 +139,10 @@ def _geometry_table(geometry) -> Table:
 
 
 def _report_tables(report) -> list[Table]:
-    table = Table(title="Training-size equivalence")
-    for column in ("dtype", "device", "max abs error", "max rel error", "top-1 agreement", "tolerance", "result"):
-        table.add_column(column)
+    # Short headers (max errors, top-1 agreement): the tables fit an 80-column terminal without wrapping.
+    table = Table(title="Training-size equivalence (max errors)")
+    for column in ("dtype", "device", "abs err", "rel err", "top-1", "tolerance", "result"):
+        table.add_column(column, no_wrap=column == "result")
     for agreement in [report.strict] + report.others:
         gate = "gate" if agreement is report.strict else "info"
         table.add_row(agreement.dtype, agreement.device, _fmt(agreement.max_abs_error),
@@ -109,8 +151,8 @@ def _report_tables(report) -> list[Table]:
     tables = [table]
     if report.dense is not None:
         d = report.dense
-        dense = Table(title=f"Dense map vs original on crops ({d.input_size[0]}×{d.input_size[1]} input)")
-        for column in ("map", "cells", "max abs dev", "max rel dev", "top-1 agreement", "label", "cause"):
+        dense = Table(title=f"Dense map vs original on crops ({d.input_size[0]}×{d.input_size[1]} input, max deviations)")
+        for column in ("map", "cells", "abs dev", "rel dev", "top-1", "label", "cause"):
             dense.add_column(column)
         dense.add_row(f"{d.map_size[0]}×{d.map_size[1]}", str(d.cells_checked), _fmt(d.max_abs_error),
                       _fmt(d.max_rel_error), f"{d.top1_agreement:.0%}",
@@ -131,13 +173,17 @@ def convert(
     arch: ArchOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
     trust_model: TrustOpt = False,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    labels: LabelsOpt = None,
+    in_chans: InChansOpt = None,
     as_json: JsonOpt = False,
 ):
     """Rewrite MODEL into a fully-convolutional network, verify it, and save it as a standalone .pt2."""
     from fcnify.export import save_pt2
     from fcnify.verify import verify
 
-    loaded = _load(model, weights, arch, input_size, trust_model)
+    loaded = _load(model, weights, arch, input_size, trust_model, _Preprocessing(mean, std, labels, in_chans))
     if loaded.converted:
         raise FcnifyError(f"{model} is already converted", hint="use it with 'fcnify heatmap', or check it with 'fcnify verify FILE --against SOURCE'")
     output = output or Path(f"{loaded.name}.fcn.pt2")
@@ -154,6 +200,7 @@ def convert(
     metadata = _metadata(loaded, fcn)
     save_pt2(fcn, metadata, output, force=force)
     result = {"output": str(output), "source": loaded.source, "input_size": list(fcn.input_size),
+              "preprocessing": loaded.preprocessing,
               "geometry": fcn.geometry.to_dict(), "verification": report.to_dict(),
               "rewrites": [vars(r) for r in fcn.rewrites]}
     if onnx is not None:
@@ -203,6 +250,10 @@ def verify(
     image: Annotated[list[Path] | None, typer.Option(
         "--image", help="Also compare on this image, resized and centre-cropped to the training size (repeatable).")] = None,
     trust_model: TrustOpt = False,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    labels: LabelsOpt = None,
+    in_chans: InChansOpt = None,
     as_json: JsonOpt = False,
 ):
     """Prove a conversion: same logits at the training size (float64 gate), dense map vs crops, geometry.
@@ -211,14 +262,17 @@ def verify(
     """
     from fcnify.verify import verify as run_verify
 
-    loaded = _load(model, weights, arch, input_size, trust_model)
+    # Random inputs need no normalisation; --image does, so the note only matters with images.
+    loaded = _load(model, weights, arch, input_size, trust_model, _Preprocessing(mean, std, labels, in_chans),
+                   note=bool(image))
     if loaded.converted:
         if against is None:
             raise FcnifyError(f"{model} is already converted: there is no original to compare with",
                               hint="pass --against MODEL with the spec it was converted from")
         from fcnify.verify import verify_converted
 
-        original = _load(against, weights, arch, input_size or "x".join(map(str, loaded.input_size)), trust_model)
+        original = _load(against, weights, arch, input_size or "x".join(map(str, loaded.input_size)), trust_model,
+                         _Preprocessing(in_chans=in_chans), note=False)
         onnx_path = model if model.endswith(".onnx") else None
         report = verify_converted(original.module, loaded.module, loaded.input_size, loaded.in_chans,
                                   loaded.geometry, samples, onnx_path=onnx_path)
@@ -336,6 +390,10 @@ def heatmap(
     weights: WeightsOpt = "default",
     arch: ArchOpt = None,
     trust_model: TrustOpt = False,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    labels: LabelsOpt = None,
+    in_chans: InChansOpt = None,
     as_json: JsonOpt = False,
 ):
     """Compute dense class score maps and heatmaps for images and slides, tile by tile in bounded memory."""
@@ -366,7 +424,7 @@ def heatmap(
         from fcnify.heatmap.runners import require_ray
 
         require_ray()  # before loading and converting the model
-    loaded = _load(model, weights, arch, input_size, trust_model)
+    loaded = _load(model, weights, arch, input_size, trust_model, _Preprocessing(mean, std, labels, in_chans))
     metadata = None
     if loaded.converted:
         fcn, geometry = loaded.module, loaded.geometry
@@ -375,7 +433,8 @@ def heatmap(
         geometry = fcn.geometry
         metadata = _metadata(loaded, fcn)
         loaded.module = None  # the original classifier is not needed any more: free its memory
-    model_file = model if model.endswith((".pt2", ".onnx")) and Path(model).is_file() else None
+    # A converted file travels to Ray workers as it is; a user's own torch.export archive was converted here.
+    model_file = model if loaded.converted and model.endswith((".pt2", ".onnx")) and Path(model).is_file() else None
     job = {"engine": engine, "ray_options": ray_options, "resume": resume, "model_file": model_file,
            "trust_model": trust_model, "metadata": metadata}
     if as_json or engine == "ray":  # Ray Data shows its own progress bars

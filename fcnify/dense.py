@@ -227,12 +227,32 @@ def with_output_stride(fcn: nn.Module, geometry, output_stride: int | None):
     from fcnify.convert import FullyConvolutionalNet
     from fcnify.convert.dilate import dilate
 
+    if isinstance(fcn, torch.fx.GraphModule) and not isinstance(fcn, FullyConvolutionalNet):
+        fcn = _exported_fcn(fcn, geometry)
     if not isinstance(fcn, FullyConvolutionalNet):
         raise InputError(f"--output-stride needs the model's graph, and {type(fcn).__name__} has none",
-                         hint="give the original model (torchvision:NAME, timm:NAME, a state_dict), not a "
-                         "converted .pt2/.onnx")
+                         hint="give the original model (torchvision:NAME, timm:NAME, a state_dict) or the "
+                         ".pt2, not an .onnx")
     cache = fcn.__dict__.setdefault("_fcnify_output_strides", {})  # one rewrite per network and stride
     if int(output_stride) not in cache:
         cache[int(output_stride)] = dilate(fcn, int(output_stride))
     fine = cache[int(output_stride)]
     return fine, fine.geometry
+
+
+def _exported_fcn(gm: torch.fx.GraphModule, geometry):
+    """A loaded ``.pt2`` (torch.export's ATen graph) as a ``FullyConvolutionalNet`` the dilation can rewrite.
+
+    The rebuilt network is cached on ``gm``, so one loaded file is rebuilt (and dilated) once.
+    """
+    from fcnify.convert import FullyConvolutionalNet
+    from fcnify.convert.from_export import exported_input_shape, rebuild_modules
+
+    if "_fcnify_rebuilt" not in gm.__dict__:
+        in_chans = (exported_input_shape(gm) or (None,))[0]
+        if in_chans is None:
+            raise InputError("--output-stride: the .pt2's input has no fixed channel count",
+                             hint="give the original model instead of the .pt2")
+        gm.__dict__["_fcnify_rebuilt"] = FullyConvolutionalNet(rebuild_modules(gm), geometry, tuple(geometry.window),
+                                                                in_chans).eval()
+    return gm.__dict__["_fcnify_rebuilt"]

@@ -41,6 +41,7 @@ class ModelMetadata:
     geometry: Geometry
     source: str
     fcnify_version: str = ""
+    normalisation: str = ""  # where mean/std came from (flag, metadata, zoo, assumed): said again on use
 
     def to_dict(self) -> dict:
         from fcnify import __version__
@@ -49,6 +50,7 @@ class ModelMetadata:
             "input_size": list(self.input_size), "in_chans": self.in_chans, "mean": list(self.mean),
             "std": list(self.std), "labels": list(self.labels), "geometry": self.geometry.to_dict(),
             "source": self.source, "fcnify_version": self.fcnify_version or __version__,
+            "normalisation": self.normalisation,
         }
 
     @classmethod
@@ -57,6 +59,7 @@ class ModelMetadata:
             input_size=tuple(data["input_size"]), in_chans=int(data["in_chans"]), mean=tuple(data["mean"]),
             std=tuple(data["std"]), labels=tuple(data["labels"]), geometry=Geometry.from_dict(data["geometry"]),
             source=str(data.get("source", "")), fcnify_version=str(data.get("fcnify_version", "")),
+            normalisation=str(data.get("normalisation") or ""),
         )
 
 

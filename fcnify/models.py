@@ -8,9 +8,16 @@ explicitly, and never retried unsafely unless the user trusts the file.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
+import importlib.util
+import json
 import logging
+import os
+import re
+import sys
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +31,8 @@ _logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Where mean/std came from (``LoadedModel.normalisation``): fcnify says so when it had to assume them.
+FROM_FLAG, FROM_METADATA, FROM_ZOO, ASSUMED = "flag", "metadata", "zoo", "assumed (ImageNet)"
 STATE_DICT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 
 
@@ -39,6 +48,9 @@ class LoadedModel:
         labels: class names (``"0"``, ``"1"``, … when unknown).
         source: the spec it came from.
         converted: the network is already fully convolutional (a ``.pt2``), with ``geometry`` set.
+        normalisation: where ``mean``/``std`` came from: ``flag``, ``metadata``, ``zoo`` or
+            ``assumed (ImageNet)`` (nothing said how the model was trained).
+        extra: facts of the loader (``path``: the file the weights or model came from).
     """
 
     module: nn.Module
@@ -51,17 +63,34 @@ class LoadedModel:
     converted: bool = False
     geometry: object | None = None
     extra: dict = field(default_factory=dict)
+    normalisation: str | None = None
 
     @property
     def name(self) -> str:
-        base = self.source.split(":", 1)[-1]
-        return Path(base).name.split(".")[0] if base else "model"
+        """A safe file name stem: the input file's (``sd.pth`` → ``sd``), else the spec's model name."""
+        base = self.extra.get("path") or self.source.split(":", 1)[-1]
+        stem = Path(base).name.split(".")[0] if base else ""
+        return re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_") or "model"
+
+    @property
+    def preprocessing(self) -> dict:
+        """The normalisation the images get, and where it came from (recorded in every output)."""
+        return {"mean": [float(v) for v in self.mean], "std": [float(v) for v in self.std],
+                "source": self.normalisation}
+
+    @property
+    def assumed_normalisation(self) -> bool:
+        return self.normalisation == ASSUMED
 
 
 def _channels(module: nn.Module) -> int:
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
             return m.in_channels
+        if getattr(m, "original_name", None) == "Conv2d":  # TorchScript keeps the layer's name and weight
+            weight = getattr(m, "weight", None)
+            if isinstance(weight, torch.Tensor) and weight.dim() == 4:
+                return int(weight.shape[1])
     return 3
 
 
@@ -110,10 +139,48 @@ def _torchvision(name: str, weights: str) -> LoadedModel:
         labels = tuple(meta_weights.meta.get("categories") or ()) or None
     if name == "inception_v3":
         size = (299, 299)
-    return LoadedModel(module.eval(), size, 3, mean, std, labels or _default_labels(module), f"torchvision:{name}")
+    return LoadedModel(module.eval(), size, 3, mean, std, labels or _default_labels(module), f"torchvision:{name}",
+                       normalisation=FROM_ZOO)
 
 
 # ------------------------------------------------------------------------------------------------- timm
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers; if not, its offline mode is switched on for this process.
+
+    Offline, huggingface_hub retries each request with back-off for most of a minute before it reads its
+    cache; in offline mode it reads the cache at once (cached weights still load) or fails at once.
+    """
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    try:
+        import huggingface_hub.constants as hub
+    except ImportError:  # timm without the hub client: nothing to switch
+        return True
+    if hub.HF_HUB_OFFLINE:
+        return False
+    host = urlparse(hub.ENDPOINT).hostname or "huggingface.co"
+    answered: list[bool] = []
+
+    def probe() -> None:  # name resolution has no timeout of its own: a daemon thread bounds it
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            answered.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    if answered:
+        return True
+    _logger.info("%s is not reachable: Hugging Face Hub offline mode", host)
+    hub.HF_HUB_OFFLINE = True
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    return False
 
 
 def _timm(name: str, weights: str) -> LoadedModel:
@@ -125,14 +192,16 @@ def _timm(name: str, weights: str) -> LoadedModel:
         close = difflib.get_close_matches(name, timm.list_models(), n=3)
         raise ModelLoadError(f"timm has no model '{name}'",
                              hint=f"did you mean {', '.join(close)}?" if close else "see timm.list_models()")
+    offline = weights == "default" and not _hub_reachable()
     try:
         module = timm.create_model(name, pretrained=weights == "default")
     except Exception as exc:
+        where = " (offline: the Hugging Face Hub is not reachable and they are not in its cache)" if offline else ""
         raise ModelLoadError(
-            f"cannot get the pretrained weights of timm:{name}: {type(exc).__name__}: "
-            f"{(str(exc).splitlines() or [''])[0][:160]}",
-            hint="you may be offline: pass --weights PATH with a downloaded file, or --weights none",
-        ) from exc
+            f"cannot get the pretrained weights of timm:{name}{where}: {type(exc).__name__}: "
+            f"{' '.join(str(exc).split())}",
+            hint="pass --weights PATH with a downloaded file, or --weights none",
+        ) from None
     cfg = getattr(module, "pretrained_cfg", {}) or {}
     in_chans, h, w = cfg.get("input_size", (3, None, None))
     labels = None
@@ -145,14 +214,84 @@ def _timm(name: str, weights: str) -> LoadedModel:
     except Exception:  # label tables are a nicety, not a requirement
         labels = None
     return LoadedModel(module.eval(), (h, w) if h else None, in_chans, tuple(cfg.get("mean", IMAGENET_MEAN)),
-                       tuple(cfg.get("std", IMAGENET_STD)), labels or _default_labels(module), f"timm:{name}")
+                       tuple(cfg.get("std", IMAGENET_STD)), labels or _default_labels(module), f"timm:{name}",
+                       normalisation=FROM_ZOO)
 
 
 # ------------------------------------------------------------------------------------------------- files
 
 
+def _assumed_normalisation(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """ImageNet's mean and std, or for one channel their grey twin (timm's choice for grayscale ImageNet)."""
+    return (IMAGENET_MEAN, IMAGENET_STD) if in_chans != 1 else ((0.449,), (0.226,))
+
+
+def _user_model(module: nn.Module, source: str, path: Path | None = None, in_chans: int | None = None) -> LoadedModel:
+    """A model of the user's own: nothing says how it was trained, so ImageNet normalisation is assumed."""
+    in_chans = in_chans or _channels(module)
+    mean, std = _assumed_normalisation(in_chans)
+    return LoadedModel(module.eval(), None, in_chans, mean, std, _default_labels(module), source,
+                       extra={"path": str(path)} if path is not None else {}, normalisation=ASSUMED)
+
+
+@contextlib.contextmanager
+def user_code_path(folder: str | os.PathLike | None = None):
+    """Put ``folder`` (default: the current folder) first on ``sys.path`` while the user's code is imported.
+
+    ``python -m`` and ``python script.py`` do this; the ``fcnify`` console script does not, so
+    ``--arch mynet:make_model`` and pickled models would not find ``mynet.py`` next to the user.
+    """
+    folder = str(Path(folder or os.getcwd()).resolve())
+    added = folder not in sys.path
+    if added:
+        sys.path.insert(0, folder)
+    try:
+        yield folder
+    finally:
+        if added and folder in sys.path:
+            sys.path.remove(folder)
+
+
+def _import_user_module(location: str):
+    """Import ``package.module`` (from the current folder too) or a ``.py`` file path; one-line errors."""
+    as_file = location.endswith(".py") or "/" in location or os.sep in location
+    folder = Path(location).resolve().parent if as_file else Path.cwd().resolve()
+    name = Path(location).stem if as_file else location
+    if as_file and not Path(location).is_file():
+        raise ModelLoadError(f"--arch: no such file {location}", hint="give the path of the .py file that defines the factory")
+    try:
+        with user_code_path(folder):
+            if not as_file:
+                return importlib.import_module(name)
+            file = Path(location).resolve()
+            known = sys.modules.get(name)
+            if known is not None and Path(getattr(known, "__file__", "") or "").resolve() != file:
+                name = f"fcnify_user_{name}"  # never replace a module already imported (a file named torch.py)
+            spec = importlib.util.spec_from_file_location(name, file)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module  # the classes it defines must be findable by name (pickle, deepcopy)
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                sys.modules.pop(name, None)
+                raise
+            return module
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (exc.name == name or name.startswith(exc.name + ".")):
+            raise ModelLoadError(f"cannot import module '{name}': no {exc.name.replace('.', '/')}.py or package "
+                                 f"'{exc.name}' in {folder} or on the Python path",
+                                 hint="run fcnify from the folder that holds it, or give the file: "
+                                 "--arch path/to/file.py:factory") from None
+        raise ModelLoadError(f"importing module '{name}' (from {folder}) failed: it imports '{exc.name}', "
+                             "which is not installed", hint=f"pip install the package that provides '{exc.name}'") from None
+    except Exception as exc:
+        raise ModelLoadError(f"importing module '{name}' (from {folder}) failed: {type(exc).__name__}: "
+                             f"{(str(exc).splitlines() or [''])[0][:200]}",
+                             hint="fix the error in the module; fcnify imports it as Python would") from None
+
+
 def _build_arch(arch: str) -> LoadedModel:
-    """An untrained module for ``torchvision:NAME``, ``timm:NAME`` or ``package.module:factory``."""
+    """An untrained module for ``torchvision:NAME``, ``timm:NAME``, ``package.module:factory`` or ``file.py:factory``."""
     if arch.startswith("torchvision:"):
         return _torchvision(arch.split(":", 1)[1], "none")
     if arch.startswith("timm:"):
@@ -161,20 +300,24 @@ def _build_arch(arch: str) -> LoadedModel:
         from fcnify import zoo
 
         return _digits_loaded(zoo.DigitsNet())
-    module_name, _, factory = arch.partition(":")
-    if not factory:
-        raise InputError(f"--arch {arch!r} is not torchvision:NAME, timm:NAME or package.module:factory",
-                         hint="e.g. --arch torchvision:resnet18 or --arch mypkg.nets:make_model")
+    location, _, factory = arch.rpartition(":")
+    if not location or not factory.isidentifier():
+        raise InputError(f"--arch {arch!r} is not torchvision:NAME, timm:NAME, package.module:factory or file.py:factory",
+                         hint="e.g. --arch torchvision:resnet18, --arch mynet:make_model or --arch ./mynet.py:make_model")
+    user_module = _import_user_module(location)
+    if not hasattr(user_module, factory):
+        raise ModelLoadError(f"module '{user_module.__name__}' ({getattr(user_module, '__file__', '?')}) has no "
+                             f"'{factory}'", hint="name a function or class in it that builds the model")
     try:
-        module = getattr(importlib.import_module(module_name), factory)()
+        module = getattr(user_module, factory)()
     except Exception as exc:
-        raise ModelLoadError(f"cannot build --arch {arch}: {type(exc).__name__}: {exc}",
-                             hint="check that the module is importable and the factory takes no arguments") from exc
+        raise ModelLoadError(f"cannot build --arch {arch}: {type(exc).__name__}: "
+                             f"{(str(exc).splitlines() or [''])[0][:200]}",
+                             hint="the factory must take no arguments and return the model") from None
     if not isinstance(module, nn.Module):
         raise ModelLoadError(f"--arch {arch} returned {type(module).__name__}, not a torch.nn.Module",
                              hint="the factory must return the model")
-    return LoadedModel(module.eval(), None, _channels(module), IMAGENET_MEAN, IMAGENET_STD,
-                       _default_labels(module), arch)
+    return _user_model(module, arch)
 
 
 def _read_state_dict(path: Path) -> tuple[dict, dict]:
@@ -200,8 +343,10 @@ def _read_state_dict(path: Path) -> tuple[dict, dict]:
 
 def _safe_torch_load(path: Path):
     try:
-        # weights_only passed explicitly: TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD would otherwise flip the default.
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "looks like a TorchScript archive": said below, in one line
+            # weights_only passed explicitly: TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD would otherwise flip the default.
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         if _is_torchscript(path):
             raise UnsafeModelError(f"{path} is a TorchScript archive; loading it runs code from the file",
@@ -240,31 +385,92 @@ def _load_weights_into(loaded: LoadedModel, path: Path) -> LoadedModel:
             f"({', '.join(missing[:3])}), {len(unexpected)} unexpected ({', '.join(unexpected[:3])})",
             hint="check --arch names the architecture the weights were trained with",
         )
-    _apply_metadata(loaded, meta)
+    _apply_metadata(loaded, meta, path)
     loaded.source = f"{loaded.source} + {path.name}"
+    loaded.extra["path"] = str(path)
     return loaded
 
 
-def _apply_metadata(loaded: LoadedModel, meta: dict) -> None:
-    """safetensors metadata (strings) may carry input_size, mean, std, labels as JSON."""
-    import json
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
-    for key in ("input_size", "mean", "std", "labels", "in_chans"):
-        if key in meta:
-            value = json.loads(meta[key])
-            setattr(loaded, key, tuple(value) if isinstance(value, list) else value)
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _metadata_value(key: str, raw: str, path: Path):
+    """One safetensors metadata entry (a JSON string), checked: a wrong one is named, not a traceback later."""
+    def bad(why: str) -> ModelLoadError:
+        return ModelLoadError(f"{path.name} has malformed metadata: {key} is {raw[:60]!r}, {why}",
+                              hint=f"fix the '{key}' entry (JSON) of the safetensors metadata, or remove it and "
+                              f"pass --{key.replace('_', '-')}")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        raise bad("not JSON") from None
+    if key == "input_size":
+        if _is_count(value):
+            return (value, value)
+        if not (isinstance(value, list) and len(value) == 2 and all(_is_count(v) for v in value)):
+            raise bad("not a size like 224 or [224, 192]")
+        return tuple(value)
+    if key == "in_chans":
+        if not _is_count(value):
+            raise bad("not a channel count")
+        return value
+    if key in ("mean", "std"):
+        value = [value] if _is_number(value) else value
+        if not (isinstance(value, list) and value and all(_is_number(v) for v in value)) or \
+                (key == "std" and any(v == 0 for v in value)):
+            raise bad("not a list of numbers" + (" without zeros" if key == "std" else ""))
+        return tuple(float(v) for v in value)
+    if not (isinstance(value, list) and all(isinstance(v, (str, int)) for v in value)):
+        raise bad("not a list of class names")
+    return tuple(str(v) for v in value)
+
+
+def _apply_metadata(loaded: LoadedModel, meta: dict, path: Path) -> None:
+    """safetensors metadata (strings) may carry input_size, in_chans, mean, std, labels as JSON."""
+    values = {key: _metadata_value(key, meta[key], path)
+              for key in ("input_size", "in_chans", "mean", "std", "labels") if key in meta}
+    for key, value in values.items():
+        setattr(loaded, key, value)
+    if "mean" in values or "std" in values:
+        loaded.normalisation = FROM_METADATA
 
 
 def _trusted_file(path: Path) -> LoadedModel:
     if _is_torchscript(path):
-        module = torch.jit.load(str(path), map_location="cpu")
-    else:
-        module = torch.load(path, map_location="cpu", weights_only=False)
+        return _torchscript(path)
+    with user_code_path():  # the pickle names the user's classes by module: find them as python would
+        try:
+            module = torch.load(path, map_location="cpu", weights_only=False)
+        except (ModuleNotFoundError, AttributeError) as exc:
+            raise ModelLoadError(f"{path} needs the model's code to be unpickled: {type(exc).__name__}: {exc} "
+                                 f"(searched {Path.cwd()} and the Python path)",
+                                 hint="run fcnify from the folder that holds the model's .py files, or save a "
+                                 "state_dict and use --arch") from None
+        except Exception as exc:
+            raise ModelLoadError(f"cannot unpickle {path}: {type(exc).__name__}: "
+                                 f"{(str(exc).splitlines() or [''])[0][:200]}",
+                                 hint="the file may be truncated or not a PyTorch file") from None
     if not isinstance(module, nn.Module):
         raise ModelLoadError(f"{path} holds a {type(module).__name__}, not a model",
                              hint="a state_dict needs --arch")
-    return LoadedModel(module.eval(), None, _channels(module), IMAGENET_MEAN, IMAGENET_STD,
-                       _default_labels(module), str(path))
+    return _user_model(module, str(path), path)
+
+
+def _torchscript(path: Path) -> LoadedModel:
+    """A trusted TorchScript file; ``convert`` turns its graph into one it can rewrite, where torch can."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit's deprecation notices would bury the one line that matters
+        try:
+            module = torch.jit.load(str(path), map_location="cpu")
+        except Exception as exc:
+            raise ModelLoadError(f"cannot load TorchScript {path}: {type(exc).__name__}: "
+                                 f"{(str(exc).splitlines() or [''])[0][:200]}", hint="the file may be truncated") from None
+    return _user_model(module, str(path), path)
 
 
 def _digits_loaded(module: nn.Module) -> LoadedModel:
@@ -272,7 +478,7 @@ def _digits_loaded(module: nn.Module) -> LoadedModel:
 
     meta = zoo.DIGITS_META
     return LoadedModel(module.eval(), tuple(meta["input_size"]), int(meta["in_chans"]), tuple(meta["mean"]),
-                       tuple(meta["std"]), tuple(meta["labels"]), "digits")
+                       tuple(meta["std"]), tuple(meta["labels"]), "digits", normalisation=FROM_ZOO)
 
 
 def load_model(spec: str | None = "digits", weights: str = "default", arch: str | None = None,
@@ -307,10 +513,12 @@ def load_model(spec: str | None = "digits", weights: str = "default", arch: str 
             from fcnify.export import load_pt2
 
             module, meta = load_pt2(path, trust_model=trust_model)
-            if meta is None:
-                raise ModelLoadError(f"{path} has no fcnify metadata", hint="create it with 'fcnify convert'")
-            loaded = LoadedModel(module, meta.input_size, meta.in_chans, meta.mean, meta.std, meta.labels,
-                                 meta.source or str(path), converted=True, geometry=meta.geometry)
+            if meta is None:  # the user's own torch.export archive of a classifier: convert it like a module
+                loaded = _exported_classifier(module, path)
+            else:
+                loaded = LoadedModel(module, meta.input_size, meta.in_chans, meta.mean, meta.std, meta.labels,
+                                     meta.source or str(path), converted=True, geometry=meta.geometry,
+                                     normalisation=meta.normalisation or FROM_METADATA)
         elif path.suffix == ".onnx":
             from fcnify.onnx_export import load_onnx_model
 
@@ -329,10 +537,94 @@ def load_model(spec: str | None = "digits", weights: str = "default", arch: str 
                                  hint="pass --arch torchvision:NAME, timm:NAME or package.module:factory")
             if not isinstance(obj, nn.Module):
                 raise ModelLoadError(f"{path} holds a {type(obj).__name__}, not a model", hint="save the model")
-            loaded = LoadedModel(obj.eval(), None, _channels(obj), IMAGENET_MEAN, IMAGENET_STD,
-                                 _default_labels(obj), str(path))
+            loaded = _user_model(obj, str(path), path)
     if input_size is not None:
         loaded.input_size = parse_input_size(input_size)
+    return loaded
+
+
+def _exported_classifier(graph_module: nn.Module, path: Path) -> LoadedModel:
+    """A classifier saved with ``torch.export.save``: its ATen graph rebuilt with modules, sized from its input."""
+    from fcnify.convert.from_export import exported_classes, exported_input_shape, rebuild_modules
+
+    channels, height, width = exported_input_shape(graph_module) or (None, None, None)
+    loaded = _user_model(rebuild_modules(graph_module), str(path), path, channels)
+    classes = exported_classes(graph_module)
+    if classes:
+        loaded.labels = _default_labels(loaded.module, classes)
+    if height and width:  # a static example size is the training size
+        loaded.input_size = (height, width)
+    return loaded
+
+
+def parse_floats(text: str, option: str) -> tuple[float, ...]:
+    """``0.5`` or ``0.485,0.456,0.406`` as floats."""
+    try:
+        values = tuple(float(v) for v in str(text).replace(" ", "").split(",") if v)
+    except ValueError:
+        values = ()
+    if not values:
+        raise InputError(f"{option} {text!r} is not a number or a comma list of numbers",
+                         hint=f"e.g. {option} 0.5 or {option} 0.485,0.456,0.406")
+    return values
+
+
+def read_labels(value: str) -> tuple[str, ...]:
+    """Class names from a comma list, or from a text file with one name a line."""
+    path = Path(value)
+    if path.is_file():
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"cannot read the labels file {path}: {exc}", hint="one class name a line, UTF-8") from None
+        labels = tuple(line.strip() for line in lines if line.strip())
+    else:
+        labels = tuple(v.strip() for v in value.split(","))
+    if not labels or not all(labels):
+        raise InputError(f"--labels {value!r} has an empty class name",
+                         hint="give a comma list (cat,dog) or a text file with one name a line")
+    return labels
+
+
+def apply_preprocessing(loaded: LoadedModel, mean: str | None = None, std: str | None = None,
+                        labels: str | None = None, in_chans: int | None = None) -> LoadedModel:
+    """Apply the user's ``--mean``, ``--std``, ``--labels`` and ``--in-chans`` to ``loaded``, checked.
+
+    One value of mean or std stands for every channel.
+
+    Raises:
+        InputError: an unreadable value, or counts that do not match the channels or classes.
+    """
+    if in_chans is not None:
+        if in_chans < 1:
+            raise InputError(f"--in-chans {in_chans} must be positive", hint="e.g. --in-chans 1 for grayscale")
+        if loaded.converted and in_chans != loaded.in_chans:
+            raise InputError(f"--in-chans {in_chans}: {loaded.source} was converted for {loaded.in_chans} channels",
+                             hint="leave --in-chans out for a converted model")
+        if in_chans != loaded.in_chans and loaded.normalisation == ASSUMED and mean is None and std is None:
+            loaded.mean, loaded.std = _assumed_normalisation(in_chans)
+        loaded.in_chans = in_chans
+    for option, text in (("--mean", mean), ("--std", std)):
+        if text is None:
+            continue
+        values = parse_floats(text, option)
+        if len(values) not in (1, loaded.in_chans):
+            raise InputError(f"{option} has {len(values)} values for a model with {loaded.in_chans} input channels",
+                             hint=f"give one value, or one per channel ({loaded.in_chans})")
+        if option == "--std" and any(v == 0 for v in values):
+            raise InputError("--std must not be 0", hint="--std 1 keeps pixel values as they are")
+        setattr(loaded, option[2:], values)
+        loaded.normalisation = FROM_FLAG
+    for key in ("mean", "std"):  # one value (from a flag or a default) stands for every channel
+        values = tuple(getattr(loaded, key))
+        if len(values) == 1 and loaded.in_chans > 1:
+            setattr(loaded, key, values * loaded.in_chans)
+    if labels is not None:
+        names = read_labels(labels)
+        if loaded.labels and len(names) != len(loaded.labels):
+            raise InputError(f"--labels has {len(names)} names and {loaded.source} has {len(loaded.labels)} classes",
+                             hint="give one name per class, in the order of the model's outputs")
+        loaded.labels = names
     return loaded
 
 

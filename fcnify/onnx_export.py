@@ -488,7 +488,7 @@ def load_onnx_model(path: str | os.PathLike, device: str | None = None):
     net = OnnxNet(path, device=device, metadata=metadata, session=session)
     return LoadedModel(net, tuple(metadata.input_size), metadata.in_chans, tuple(metadata.mean), tuple(metadata.std),
                        tuple(metadata.labels), metadata.source or str(path), converted=True,
-                       geometry=metadata.geometry,
+                       geometry=metadata.geometry, normalisation=metadata.normalisation or "metadata",
                        extra={"format": "onnx", "path": str(path), "providers": net.providers})
 
 

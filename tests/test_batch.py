@@ -92,7 +92,7 @@ def test_local_engine_writes_one_summary_file_with_the_schema(scenes, tmp_path):
         assert r["megapixels"] == pytest.approx(r["image_height"] * r["image_width"] / 1e6)
         assert r["seconds"] > 0 and r["runtime"] == "torch" and r["scores_format"] == "npz"
         assert r["mean"] == pytest.approx([0.1]) and r["std"] == pytest.approx([0.3])
-        assert r["preprocessing_source"] is None  # the digits model records no preprocessing source
+        assert r["preprocessing_source"] == "zoo"  # the digits model brings its own normalisation
     # The rows round-trip into the CLI's SummaryRow objects.
     indices, back = table_to_rows(table, tmp_path / "out")
     assert indices == [0, 1, 2, 3]

@@ -111,6 +111,10 @@ def convert(model: nn.Module, input_size=(224, 224), in_chans: int | None = None
     """
     height, width = parse_input_size(input_size)
     in_chans = in_chans or _infer_in_chans(model)
+    if isinstance(model, torch.jit.ScriptModule):  # no Python forward to trace: its graph, rebuilt
+        from fcnify.convert.from_export import from_torchscript
+
+        model = from_torchscript(model, (height, width), in_chans)
     try:
         return _convert(model, (height, width), in_chans, optimize)
     except (ConversionError, InputError):

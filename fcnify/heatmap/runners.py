@@ -354,7 +354,12 @@ def ray_session(address: str | None = None, num_cpus: int | None = None,
         yield ray
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs: dict = {"log_to_driver": True, "configure_logging": False}
+    # Ray's INFO lines (cluster start, Ray Data's plan and progress) follow fcnify's level: shown with --verbose
+    # only; --quiet hides Ray's warnings too.
+    level = max(logging.INFO, logging.getLogger("fcnify").getEffectiveLevel())
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(level)
+    kwargs: dict = {"log_to_driver": True, "configure_logging": True, "logging_level": level}
     try:
         if address:
             if _is_loopback(address):
@@ -393,7 +398,8 @@ def _ship_model(ray, fcn, loaded, model_file, workdir: Path) -> dict:
         from fcnify.export import ModelMetadata, save_pt2
 
         metadata = ModelMetadata(tuple(fcn.input_size), int(fcn.in_chans), tuple(loaded.mean), tuple(loaded.std),
-                                 tuple(str(v) for v in loaded.labels), fcn.geometry, loaded.source)
+                                 tuple(str(v) for v in loaded.labels), fcn.geometry, loaded.source,
+                                 normalisation=getattr(loaded, "normalisation", None) or "")
         target = save_pt2(fcn, metadata, workdir / "model.pt2")
         return {"kind": "file", "suffix": ".pt2", "ref": ray.put(target.read_bytes())}
     except (ExportError, AttributeError) as exc:
