@@ -74,6 +74,7 @@ def test_global_context_is_averaged_over_the_native_grid():
     assert relative_error(native, native_grid(dense, 2)[:, :, :h, :w]) <= 1e-4
 
 
+@pytest.mark.slow
 def test_resnet50_matches_torchvision_dilated_resnet50():
     torch.manual_seed(5)
     model = torchvision.models.resnet50().eval()
