@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo eval lint bench clean samples train
+.PHONY: install test test-fast demo eval lint bench clean samples train
 
 install: $(STAMP)
 
@@ -15,8 +15,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# Everything (what CI runs), with the slowest tests listed.
 test: install
-	$(BIN)/python -m pytest -n 2 --dist loadfile -q
+	$(BIN)/python -m pytest -n 2 --dist loadfile -q --durations=15
+
+# For daily work: no model-zoo sweep, no Ray, no slow or GPU marks.
+test-fast: install
+	$(BIN)/python -m pytest -n 2 --dist loadfile -q -m "not slow and not ray and not gpu" --durations=5
 
 demo: install
 	$(BIN)/fcnify heatmap sample_images/digits_scene_*.png -o out

@@ -54,7 +54,8 @@ def run(quick: bool = False) -> list[dict]:
     """One run of each engine; a row per engine with images/s and the ratio to the local engine."""
     from fcnify.convert import convert
     from fcnify.heatmap.pipeline import HeatmapOptions
-    from fcnify.heatmap.runners import RayOptions, ray_session, run_job
+    from fcnify.heatmap.ray_engine import RayOptions, ray_session
+    from fcnify.heatmap.runners import run_job
     from fcnify.models import load_model
 
     count, size = (4, 512) if quick else (8, 1024)

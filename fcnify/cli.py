@@ -399,7 +399,8 @@ def heatmap(
     """Compute dense class score maps and heatmaps for images and slides, tile by tile in bounded memory."""
     from fcnify.heatmap.multiscale import parse_scales
     from fcnify.heatmap.pipeline import HeatmapOptions
-    from fcnify.heatmap.runners import ENGINES, RayOptions, run_job
+    from fcnify.heatmap.ray_engine import RayOptions
+    from fcnify.heatmap.runners import ENGINES, run_job
     from fcnify.inputs import expand_inputs, read_manifest
 
     items = list(images or [])
@@ -421,7 +422,7 @@ def heatmap(
     ray_options = RayOptions(address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker,
                              cpus_per_worker=cpus_per_worker)
     if engine == "ray":
-        from fcnify.heatmap.runners import require_ray
+        from fcnify.heatmap.ray_engine import require_ray
 
         require_ray()  # before loading and converting the model
     loaded = _load(model, weights, arch, input_size, trust_model, _Preprocessing(mean, std, labels, in_chans))

@@ -13,8 +13,8 @@ from torch import nn
 
 from fcnify.convert import convert
 from fcnify.heatmap.legend import legend_height
+from fcnify.heatmap.local import run_paths
 from fcnify.heatmap.pipeline import HeatmapOptions, ImageJob, output_stems
-from fcnify.heatmap.runners import run_paths
 
 LABELS = tuple(f"class{i}" for i in range(10)) + ("background",)
 MEAN, STD = (0.5,), (0.25,)

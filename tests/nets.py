@@ -151,3 +151,18 @@ class PaddedNet(nn.Module):
         x = F.relu(x + self.block(x))
         x = F.relu(self.tail(F.relu(self.down(x))))
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class StridedSENet(nn.Module):
+    """Squeeze-excitation after a stride-4 stem: dilating to stride 2 puts it on a finer map."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2), nn.ReLU())
+        self.se = SqueezeExcite(8)
+        self.tail = nn.Conv2d(8, 8, 3)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.pool(F.relu(self.tail(self.se(self.stem(x))))).flatten(1))

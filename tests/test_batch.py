@@ -1,4 +1,4 @@
-"""fcnify.heatmap.runners: the local engine's summary, --resume, URIs, a missing Ray, and a run on a separate
+"""fcnify.heatmap.runners and summary: the local engine's summary, --resume, URIs, a missing Ray, and a run on a separate
 Ray head."""
 
 from __future__ import annotations
@@ -21,14 +21,9 @@ from typer.testing import CliRunner
 from fcnify.cli import app
 from fcnify.errors import FcnifyError, InputError
 from fcnify.heatmap.pipeline import HeatmapOptions, ImageJob, expected_outputs, run_image
-from fcnify.heatmap.runners import (
-    RayOptions,
-    read_summary,
-    rows_to_table,
-    run_job,
-    summary_schema,
-    table_to_rows,
-)
+from fcnify.heatmap.ray_engine import RayOptions
+from fcnify.heatmap.runners import run_job
+from fcnify.heatmap.summary import read_summary, rows_to_table, summary_schema, table_to_rows
 from fcnify.images import fetch_uri, read_any
 from fcnify.models import load_model
 
@@ -243,7 +238,7 @@ def test_missing_ray_says_how_to_install_it(monkeypatch, scenes, tmp_path):
     assert result.exit_code == 1
     assert "pip install 'fcnify[ray]'" in result.stderr
     with pytest.raises(FcnifyError) as info:
-        from fcnify.heatmap.runners import require_ray
+        from fcnify.heatmap.ray_engine import require_ray
 
         require_ray()
     assert info.value.hint == "pip install 'fcnify[ray]'"
@@ -284,7 +279,7 @@ def ray_head(tmp_path_factory):
         mp.delenv("RAY_ADDRESS", raising=False)
         port = _free_port()
         env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
-               # Keep the node IP and every server on loopback (see fcnify.heatmap.runners._loopback_only).
+               # Keep the node IP and every server on loopback (see fcnify.heatmap.ray_engine._loopback_only).
                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
         ray_cli = Path(sys.executable).with_name("ray")
         log = tmp_path_factory.mktemp("head") / "head.log"

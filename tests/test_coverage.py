@@ -54,7 +54,9 @@ def test_torchvision_cnn_families_convert_and_match(name):
         warnings.simplefilter("ignore")
         model = torchvision.models.get_model(name, weights=None).eval()
     loaded_size = fcnify.load_model(f"torchvision:{name}", weights="none").input_size
-    assert loaded_size == ((299, 299) if name == "inception_v3" else loaded_size)
+    # The training size is the crop of the model's published preprocessing (inception_v3's own 299).
+    crop = torchvision.models.get_model_weights(name).DEFAULT.transforms().crop_size
+    assert loaded_size == ((299, 299) if name == "inception_v3" else (crop[0], crop[-1]))
     fcn = _check(model, loaded_size)
     assert fcn.geometry.stride == ((16, 16) if name.startswith("squeezenet") else (32, 32))
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision
 from conftest import relative_error
-from nets import PaddedNet, SENet
+from nets import PaddedNet, SENet, StridedSENet
 
 from fcnify.convert import convert
 from fcnify.convert.dilate import DilatedAvgPool2d, dilate, shift_and_stitch
@@ -60,8 +60,21 @@ def test_global_context_is_averaged_over_the_native_grid():
     fcn = convert(SENet().eval(), 16)
     assert fcn.geometry.stride == (1, 1)  # nothing to dilate; output stride 1 is the network itself
     assert dilate(fcn, 1) is fcn
+    # Squeeze-excitation on a map the rewrite makes finer: its mean reads only the original grid's positions,
+    # so the fine map sampled on the native grid is the native map (not the mean over every fine position).
+    torch.manual_seed(6)
+    fcn = convert(StridedSENet().eval(), 32)
+    assert fcn.geometry.stride == (4, 4)
+    fine = dilate(fcn, 2)
+    assert "global mean" in [r.old for r in fine.rewrites]  # the SE reduction took the rewrite's global path
+    x = torch.randn(1, 3, 61, 77)
+    with torch.no_grad():
+        native, dense = fcn(x), fine(x)
+    h, w = native.shape[-2:]
+    assert relative_error(native, native_grid(dense, 2)[:, :, :h, :w]) <= 1e-4
 
 
+@pytest.mark.slow
 def test_resnet50_matches_torchvision_dilated_resnet50():
     torch.manual_seed(5)
     model = torchvision.models.resnet50().eval()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 import zipfile
 from pathlib import Path
 
@@ -143,9 +142,9 @@ def test_library_specs_and_metadata():
         load_model("missing.pth")
 
 
-def test_default_weights_fail_clearly_offline(monkeypatch):
+def test_default_weights_fail_clearly_offline(monkeypatch, tmp_path):
     # This machine cannot download; the library's own call fails and fcnify explains the ways on.
-    monkeypatch.setenv("TORCH_HOME", os.path.join(os.getcwd(), ".no-such-torch-home"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-such-torch-home"))
     with pytest.raises(fcnify.ModelLoadError) as info:
         load_model("torchvision:squeezenet1_1")
     assert "--weights" in info.value.hint

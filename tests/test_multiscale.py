@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -57,8 +58,11 @@ def test_pyramid_shapes_and_combination(digits):
 
 def test_small_scales_are_skipped_and_none_fitting_is_refused(digits, caplog):
     x = torch.randn(1, 40, 50)
-    result = pyramid(digits, x, (0.5, 2))
+    with caplog.at_level(logging.INFO, logger="fcnify"):
+        result = pyramid(digits, x, (0.5, 2))
     assert list(result.extra["scales"]) == [2.0]  # 0.5 would be 20x25, below the 32x32 window
+    assert [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()] == [
+        "scale 0.5 skipped: the image would be 20x25, smaller than the 32x32 window"]
     assert result.stride == (2.0, 2.0)  # no scale 1: the grid of the first scale kept
     with pytest.raises(InputError, match="window"):
         pyramid(digits, x, (0.25, 0.5))

@@ -19,7 +19,7 @@ from PIL import Image  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from fcnify.cli import app  # noqa: E402
-from fcnify.heatmap.runners import read_summary  # noqa: E402
+from fcnify.heatmap.summary import read_summary  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -46,7 +46,7 @@ def use_test_token(mp: pytest.MonkeyPatch) -> str:
 @pytest.fixture(scope="module")
 def local_ray():
     """One local Ray for the module: 2 CPUs, node IP and every server on 127.0.0.1, token auth on, no dashboard."""
-    from fcnify.heatmap.runners import ray_session
+    from fcnify.heatmap.ray_engine import ray_session
 
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("RAY_ADDRESS", raising=False)

@@ -141,8 +141,21 @@ def test_scene_is_deterministic_and_noisy():
 
 
 def test_split_is_disjoint():
-    assert TRAIN_RANGE == range(0, 1400)
-    assert HELDOUT_RANGE == range(1400, 1797)
+    """Training and held-out images are consecutive, disjoint parts of load_digits() that cover it."""
+    pytest.importorskip("sklearn")
+    from sklearn.datasets import load_digits
+
+    from fcnify.zoo.scenes import load_split
+
+    everything = load_digits()
+    train, train_labels = load_split("train")
+    heldout, heldout_labels = load_split("heldout")
+    assert (len(train), len(heldout)) == (len(TRAIN_RANGE), len(HELDOUT_RANGE)) == (1400, 397)
+    np.testing.assert_array_equal(np.concatenate([train, heldout]), everything.images)
+    np.testing.assert_array_equal(np.concatenate([train_labels, heldout_labels]), everything.target)
+    assert set(TRAIN_RANGE).isdisjoint(HELDOUT_RANGE)
+    with pytest.raises(ValueError, match="unknown split"):
+        load_split("test")
 
 
 # --- golden figure: the shipped weights, converted with fcnify, on held-out scenes ------------------------

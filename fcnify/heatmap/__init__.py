@@ -2,7 +2,8 @@
 
     source ──▶ plan ──▶ compute ──▶ sinks
     sources.py  plan.py    compute.py   sinks.py          pipeline.py: one image end to end, resume
-                                                          runners.py:  the local loop and Ray over images
+                                                          runners.py:  a job over many inputs: local.py (this
+                                                          process) | ray_engine.py (Ray Data); summary.py
 
 Memory follows the tile, not the image: no module here holds a whole gigapixel image or its whole map.
 """
