@@ -20,7 +20,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fcnify.errors import FcnifyError, NotEquivalentError
+from fcnify import __version__
+from fcnify.errors import FcnifyError, InputError, InternalError, NotEquivalentError, OutputError
 
 app = typer.Typer(
     name="fcnify", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -53,6 +54,17 @@ def _fail(exc: FcnifyError) -> typer.Exit:
     return typer.Exit(exc.exit_code)
 
 
+def _crash(exc: Exception) -> typer.Exit:
+    """An unexpected exception: one line asking for a report, and the traceback only under --verbose."""
+    if logging.getLogger("fcnify").isEnabledFor(logging.INFO):
+        err_console.print_exception(show_locals=False)
+    detail = (str(exc).strip().splitlines() or [""])[0][:300]
+    return _fail(InternalError(
+        f"internal error: {type(exc).__name__}: {detail}",
+        hint=f"this is a bug in fcnify {__version__}: please report it with the command you ran and the output "
+             "of the same command with --verbose (which shows the traceback)"))
+
+
 def _reports_errors(fn: Callable) -> Callable:
     @wraps(fn)
     def wrapper(*args, **kwargs):
@@ -63,6 +75,10 @@ def _reports_errors(fn: Callable) -> Callable:
         except KeyboardInterrupt:
             err_console.print("[bold red]interrupted[/]")
             raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except Exception as exc:  # not an error fcnify means to raise: a bug, reported as one
+            raise _crash(exc) from None
 
     return wrapper
 
@@ -185,11 +201,11 @@ def convert(
 
     loaded = _load(model, weights, arch, input_size, trust_model, _Preprocessing(mean, std, labels, in_chans))
     if loaded.converted:
-        raise FcnifyError(f"{model} is already converted", hint="use it with 'fcnify heatmap', or check it with 'fcnify verify FILE --against SOURCE'")
+        raise InputError(f"{model} is already converted", hint="use it with 'fcnify heatmap', or check it with 'fcnify verify FILE --against SOURCE'")
     output = output or Path(f"{loaded.name}.fcn.pt2")
     for path in (output, onnx):
         if path is not None and path.exists() and not force:
-            raise FcnifyError(f"{path} already exists", hint="pass --force to overwrite it, or choose another path")
+            raise OutputError(f"{path} already exists", hint="pass --force to overwrite it, or choose another path")
     fcn = _convert(loaded)
     report = verify(loaded.module, fcn, dense_cells=0)
     if not report.passed:
@@ -267,7 +283,7 @@ def verify(
                    note=bool(image))
     if loaded.converted:
         if against is None:
-            raise FcnifyError(f"{model} is already converted: there is no original to compare with",
+            raise InputError(f"{model} is already converted: there is no original to compare with",
                               hint="pass --against MODEL with the spec it was converted from")
         from fcnify.verify import verify_converted
 
@@ -408,7 +424,7 @@ def heatmap(
     if manifest is not None:
         paths += read_manifest(manifest)
     if not paths:
-        raise FcnifyError("no images given", hint="name image files or folders, or pass --manifest FILE")
+        raise InputError("no images given", hint="name image files or folders, or pass --manifest FILE")
     options = HeatmapOptions(outdir=outdir, classes=tuple(classes or ()), top_k=top_k, cmap=cmap, alpha=alpha,
                              vmin=vmin, vmax=vmax, normalize=normalize,
                              scale=scale, max_pixels=max_pixels, device=device, precision=precision,
@@ -418,7 +434,7 @@ def heatmap(
                              preview_size=preview_size, runtime=runtime)
     options.validate()
     if engine not in ENGINES:
-        raise FcnifyError(f"unknown engine {engine!r}", hint="use --engine local or --engine ray")
+        raise InputError(f"unknown engine {engine!r}", hint="use --engine local or --engine ray")
     ray_options = RayOptions(address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker,
                              cpus_per_worker=cpus_per_worker)
     if engine == "ray":
@@ -475,8 +491,9 @@ def heatmap(
         raise typer.Exit(1)
 
 
-def main() -> None:  # pragma: no cover - console entry point
-    logging.basicConfig(level=logging.WARNING)
+def main() -> None:
+    """The ``fcnify`` console script: warnings of fcnify and its libraries on stderr, then the app."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     app(prog_name="fcnify")
 
 

@@ -7,6 +7,7 @@ network once per batch (``_forward``, the one place that touches the device and 
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 
@@ -72,7 +73,25 @@ def check_precision(precision: str, device: torch.device) -> torch.dtype:
     if precision == "fp16" and device.type == "cpu":
         raise InputError("--precision fp16 needs a GPU (CUDA or MPS)",
                          hint="use --precision bf16 or fp32 on the CPU")
+    if precision == "bf16" and device.type == "cpu" and not cpu_bf16_convolutions_are_accurate():
+        raise InputError(f"--precision bf16: PyTorch {torch.__version__}'s bf16 convolutions on this CPU are "
+                         "wrong by more than bf16 rounding (a known oneDNN defect with large kernels)",
+                         hint="use --precision fp32 on this machine")
     return PRECISIONS[precision]
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_convolutions_are_accurate() -> bool:
+    """Whether a bf16 convolution with a large kernel (a converted head's, 12×12) stays within bf16 rounding of
+    float32 on this CPU. On some CPUs and PyTorch builds (seen: torch 2.14–2.15 with oneDNN on Xeons with
+    AMX-BF16) it returns values off by their whole magnitude, so bf16 would give wrong maps, not rougher ones."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 8, 20, 28, generator=generator)
+    weight, bias = torch.randn(11, 8, 12, 12, generator=generator) / 30, torch.zeros(11)
+    with torch.no_grad():
+        full = torch.nn.functional.conv2d(x, weight, bias)
+        half = torch.nn.functional.conv2d(x.bfloat16(), weight.bfloat16(), bias.bfloat16()).float()
+    return float((full - half).abs().max()) <= 0.05 * float(full.max() - full.min())
 
 
 def place_model(fcn: nn.Module, device: torch.device) -> nn.Module:

@@ -50,6 +50,18 @@ class OutputError(FcnifyError):
     exit_code = 1
 
 
+class MissingDependencyError(FcnifyError):
+    """An optional package a feature needs is not installed (the hint names the ``pip install``)."""
+
+    exit_code = 1
+
+
+class InternalError(FcnifyError):
+    """Something fcnify did not expect went wrong inside fcnify or a library it calls (a bug to report)."""
+
+    exit_code = 70  # EX_SOFTWARE (sysexits.h)
+
+
 class NotEquivalentError(FcnifyError):
     """The converted network does not compute the same function as the original within tolerance."""
 

@@ -131,16 +131,18 @@ def check_training_size(model: nn.Module, fcn: nn.Module, input_size: tuple[int,
     fcn64 = _evaluating(copy.deepcopy(fcn).double())
     strict = _compare(_logits(ref64, x.double()), _logits(fcn64, x.double()), "float64", "cpu", FP64_RTOL)
     del ref64, fcn64
-    others = [_compare(_logits(_evaluating(model.float()), x), _logits(_evaluating(fcn.float()), x), "float32",
-                       "cpu", FP32_RTOL)]
+    # Copies: the caller's model keeps its dtype and mode (verify never changes what it is given).
+    ref32, fcn32 = _evaluating(copy.deepcopy(model).float()), _evaluating(copy.deepcopy(fcn).float())
+    others = [_compare(_logits(ref32, x), _logits(fcn32, x), "float32", "cpu", FP32_RTOL)]
+    del ref32, fcn32
     if device and device != "cpu":
         # cuDNN may use TF32 for convolutions by default while the Linear would not: switch it off to compare.
         tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
         try:
             on_device = x.to(device)
-            ref = copy.deepcopy(model).to(device)
-            conv = copy.deepcopy(fcn).to(device)
+            ref = _evaluating(copy.deepcopy(model).float().to(device))
+            conv = _evaluating(copy.deepcopy(fcn).float().to(device))
             others.append(_compare(_logits(ref, on_device), _logits(conv, on_device), "float32", device, FP32_RTOL))
         finally:
             torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32

@@ -16,7 +16,14 @@ from heatmap_helpers import (
 )
 from PIL import Image
 
-from fcnify.dense import ScoreMap, check_precision, score_map, score_maps, select_device
+from fcnify.dense import (
+    ScoreMap,
+    check_precision,
+    cpu_bf16_convolutions_are_accurate,
+    score_map,
+    score_maps,
+    select_device,
+)
 from fcnify.errors import InputError
 from fcnify.images import prepare
 
@@ -108,22 +115,12 @@ def test_fp16_on_cpu_is_refused():
         check_precision("fp8", torch.device("cpu"))
 
 
-def _torch_bf16_conv_is_wrong_here() -> bool:
-    """PyTorch's own CPU bf16 convolution with a large kernel (the converted head's 12x12) against fp32: on some
-    CPUs (seen with torch 2.15 on a Xeon with AMX-BF16) oneDNN returns values off by their whole magnitude."""
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 8, 20, 28, generator=generator)
-    weight, bias = torch.randn(11, 8, 12, 12, generator=generator) / 30, torch.zeros(11)
-    full = torch.nn.functional.conv2d(x, weight, bias)
-    half = torch.nn.functional.conv2d(x.bfloat16(), weight.bfloat16(), bias.bfloat16()).float()
-    return float((full - half).abs().max()) > 0.05 * float(full.max() - full.min())
-
-
 def test_bf16_on_cpu_is_close_to_fp32():
     """bf16 (autocast) keeps ~3 significant digits: logits within 5% of their range, probabilities within 0.02."""
-    if _torch_bf16_conv_is_wrong_here():
-        pytest.xfail(f"PyTorch {torch.__version__}'s CPU bf16 convolution (oneDNN) is wrong on this machine for "
-                     "kernels of 8x8 and more, so fcnify's --precision bf16 on the CPU is too")
+    if not cpu_bf16_convolutions_are_accurate():  # this CPU's bf16 convolutions are wrong: bf16 is refused
+        with pytest.raises(InputError, match="bf16 convolutions on this CPU are wrong"):
+            check_precision("bf16", torch.device("cpu"))
+        return
     fcn = converted_small()
     prepared = _prepared()
     full = score_map(fcn, prepared, fcn.geometry, LABELS, "cpu", precision="fp32")

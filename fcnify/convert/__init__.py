@@ -115,16 +115,9 @@ def convert(model: nn.Module, input_size=(224, 224), in_chans: int | None = None
         from fcnify.convert.from_export import from_torchscript
 
         model = from_torchscript(model, (height, width), in_chans)
-    try:
-        return _convert(model, (height, width), in_chans, optimize)
-    except (ConversionError, InputError):
-        raise
-    except Exception as exc:  # a model fcnify has no rule for must never surface as a traceback
-        first_line = (str(exc).splitlines() or [""])[0][:300]
-        raise ConversionError(
-            f"cannot convert {type(model).__name__}: {type(exc).__name__}: {first_line}",
-            hint="the model is not traceable as a CNN classifier; please report it",
-        ) from exc
+    # No catch-all here: what a model cannot do is refused by the gates below with a ConversionError naming
+    # the node; any other exception is a bug in fcnify, which the CLI reports as one.
+    return _convert(model, (height, width), in_chans, optimize)
 
 
 def _convert(model: nn.Module, size: tuple[int, int], in_chans: int, optimize: bool) -> FullyConvolutionalNet:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from fcnify.dense import _forward, _guarded, check_precision, place_model, select_device
-from fcnify.errors import FcnifyError, InputError
+from fcnify.errors import InputError, InternalError
 from fcnify.heatmap.plan import ForegroundMask, NetworkBounds, Tile, TilePlan
 
 __all__ = ["RUNTIMES", "PeakTracker", "TileNetwork", "choose_runtime", "compute_tiles", "onnx_twin", "read_tiles",
@@ -238,8 +238,8 @@ def _kept(tile: Tile, logits: torch.Tensor, stride: tuple[int, int]) -> torch.Te
     c0 = tile.cols.first - tile.cols.start // stride[1]
     h, w = tile.rows.last - tile.rows.first, tile.cols.last - tile.cols.first
     if r0 < 0 or c0 < 0 or logits.shape[-2] < r0 + h or logits.shape[-1] < c0 + w:
-        raise FcnifyError(f"a tile of {tile.input_shape[0]}x{tile.input_shape[1]} px gave a "
-                          f"{logits.shape[-2]}x{logits.shape[-1]} map, which lacks its cells "
+        raise InternalError(f"a tile of {tile.input_shape[0]}x{tile.input_shape[1]} px gave a "
+                            f"{logits.shape[-2]}x{logits.shape[-1]} map, which lacks its cells "
                           f"[{r0}, {r0 + h}) x [{c0}, {c0 + w})",
                           hint="please report this model: its geometry does not match its output")
     return logits[..., r0:r0 + h, c0:c0 + w]
