@@ -101,8 +101,10 @@ def save_pt2(fcn: FullyConvolutionalNet, metadata: ModelMetadata, path: str | os
     """Write ``fcn`` as a ``.pt2`` loadable with ``torch.export.load(path).module()`` alone, atomically."""
     program = export_program(fcn)
     path = Path(path)
-    with atomic_output(path, force) as tmp:
-        torch.export.save(program, tmp, extra_files={METADATA_NAME: json.dumps(metadata.to_dict())})
+    with atomic_output(path, force) as tmp, open(tmp, "wb") as file:
+        # Through a file object: the archive's folder is then "archive", not the hidden temp file's name
+        # (which messages about the archive's entries would show).
+        torch.export.save(program, file, extra_files={METADATA_NAME: json.dumps(metadata.to_dict())})
     return path
 
 

@@ -75,9 +75,11 @@ def test_tampered_pt2_is_refused_and_its_payload_never_runs(small_pt2, tmp_path)
             dst.writestr(info, data)
     assert replaced == 1
     assert not inspect_pt2(tampered.read_bytes()).safe
-    with pytest.raises(fcnify.UnsafeModelError, match="sample inputs"):
+    with pytest.raises(fcnify.UnsafeModelError, match="sample inputs") as info:
         load_model(str(tampered))
     assert not marker.exists()
+    # The message names the archive's entries as the user would see them, not fcnify's temporary file.
+    assert ".tmp" not in str(info.value) and "archive/data/sample_inputs" in str(info.value)
 
 
 def test_pickled_payload_is_refused_naming_what_blocks_it(tmp_path):
