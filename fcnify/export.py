@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import os
 import zipfile
 from dataclasses import dataclass
@@ -54,6 +55,28 @@ class ModelMetadata:
         }
 
     @classmethod
+    def parse(cls, raw: str | bytes, where: str) -> ModelMetadata:
+        """The metadata in JSON text ``raw`` found in ``where``, checked field by field.
+
+        Raises:
+            ModelLoadError: text that is not JSON, or a missing field or one of the wrong type or range.
+        """
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ModelLoadError(f"the fcnify metadata in {where} is not JSON ({exc})",
+                                 hint="re-create the file with 'fcnify convert'") from None
+        problem = _metadata_problem(data)
+        if problem:
+            raise ModelLoadError(f"the fcnify metadata in {where} is malformed: {problem}",
+                                 hint="re-create the file with 'fcnify convert'")
+        try:
+            return cls.from_dict(data)
+        except (KeyError, TypeError, ValueError) as exc:  # the geometry's own fields
+            raise ModelLoadError(f"the fcnify metadata in {where} is malformed: geometry: {type(exc).__name__}: "
+                                 f"{exc}", hint="re-create the file with 'fcnify convert'") from None
+
+    @classmethod
     def from_dict(cls, data: dict) -> ModelMetadata:
         return cls(
             input_size=tuple(data["input_size"]), in_chans=int(data["in_chans"]), mean=tuple(data["mean"]),
@@ -61,6 +84,49 @@ class ModelMetadata:
             source=str(data.get("source", "")), fcnify_version=str(data.get("fcnify_version", "")),
             normalisation=str(data.get("normalisation") or ""),
         )
+
+
+#: Sides above this are not a training size but a damaged or hostile file.
+_MAX_SIDE = 1 << 16
+
+
+def _metadata_problem(data) -> str | None:
+    """What is wrong with decoded metadata, in a few words, or None."""
+    def count(value, low=1, high=_MAX_SIDE):
+        return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+    def numbers(value):
+        return isinstance(value, list) and value and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+
+    if not isinstance(data, dict):
+        return f"a {type(data).__name__}, not an object"
+    missing = [k for k in ("input_size", "in_chans", "mean", "std", "labels", "geometry") if k not in data]
+    if missing:
+        return "no " + ", ".join(missing)
+    size, chans = data["input_size"], data["in_chans"]
+    if not (isinstance(size, list) and len(size) == 2 and all(count(v) for v in size)):
+        return f"input_size {size!r} is not two sides of 1–{_MAX_SIDE} px"
+    if not count(chans, 1, 1024):
+        return f"in_chans {chans!r} is not a channel count"
+    for key in ("mean", "std"):
+        if not numbers(data[key]) or len(data[key]) != chans:
+            return f"{key} {data[key]!r} is not {chans} numbers"
+    if any(v <= 0 for v in data["std"]):
+        return "std has a value ≤ 0"
+    labels = data["labels"]
+    if not (isinstance(labels, list) and labels and all(isinstance(v, str) for v in labels)):
+        return "labels is not a list of names"
+    geometry = data["geometry"]
+    if not isinstance(geometry, dict):
+        return "geometry is not an object"
+    for key in ("stride", "offset", "window", "receptive_field"):
+        value = geometry.get(key)
+        if not numbers(value) or len(value) != 2 or any(abs(v) > _MAX_SIDE * 64 for v in value):
+            return f"geometry.{key} {value!r} is not two numbers"
+    if any(v <= 0 for v in geometry["stride"] + geometry["window"]):
+        return "geometry has a stride or window ≤ 0"
+    return None
 
 
 def export_program(fcn: FullyConvolutionalNet) -> torch.export.ExportedProgram:
@@ -173,5 +239,5 @@ def load_pt2(path: str | os.PathLike, trust_model: bool = False) -> tuple[nn.Mod
         raise ModelLoadError(f"cannot load {path} as a torch.export program: {type(exc).__name__}: "
                              f"{(str(exc).splitlines() or [''])[0][:200]}",
                              hint="re-create it with 'fcnify convert'") from exc
-    meta = ModelMetadata.from_dict(json.loads(extra[METADATA_NAME])) if extra.get(METADATA_NAME) else None
+    meta = ModelMetadata.parse(extra[METADATA_NAME], str(path)) if extra.get(METADATA_NAME) else None
     return program.module(), meta

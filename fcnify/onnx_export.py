@@ -157,12 +157,16 @@ def _metadata_props(metadata: ModelMetadata) -> dict[str, str]:
     return props
 
 
-def read_metadata(props: dict[str, str]) -> ModelMetadata | None:
-    """The ``ModelMetadata`` in a model's ``metadata_props`` (as a dict), or None when there is none."""
+def read_metadata(props: dict[str, str], where: str = "the ONNX file") -> ModelMetadata | None:
+    """The ``ModelMetadata`` in a model's ``metadata_props`` (as a dict), or None when there is none.
+
+    Raises:
+        ModelLoadError: metadata that is not JSON or has missing or wrong fields.
+    """
     raw = props.get(METADATA_KEY)
     if not raw:
         return None
-    return ModelMetadata.from_dict(json.loads(raw))
+    return ModelMetadata.parse(raw, where)
 
 
 def _opset(model) -> int:
@@ -477,11 +481,7 @@ def load_onnx_model(path: str | os.PathLike, device: str | None = None):
         raise ModelLoadError(f"{path} is not an ONNX model onnxruntime can load: {_one_line(exc, 200)}",
                              hint="export it with 'fcnify convert MODEL -o model.onnx'") from exc
     props = session.get_modelmeta().custom_metadata_map
-    try:
-        metadata = read_metadata(props)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ModelLoadError(f"{path} has unreadable fcnify metadata: {_one_line(exc, 160)}",
-                             hint="re-export it with 'fcnify convert MODEL -o model.onnx'") from exc
+    metadata = read_metadata(props, str(path))
     if metadata is None:
         raise ModelLoadError(f"{path} is an ONNX model without fcnify metadata (no '{METADATA_KEY}' in metadata_props)",
                              hint="fcnify needs its geometry and labels: export it with 'fcnify convert MODEL -o model.onnx'")

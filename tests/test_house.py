@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import importlib
+import json
 import logging
+import zipfile
 
 import pytest
 import torch
@@ -13,7 +15,8 @@ from typer.testing import CliRunner
 
 import fcnify.cli as cli
 from fcnify.convert import convert
-from fcnify.errors import MissingDependencyError
+from fcnify.errors import MissingDependencyError, ModelLoadError
+from fcnify.export import ModelMetadata
 from fcnify.optional import require
 from fcnify.verify import verify
 
@@ -63,3 +66,58 @@ def test_a_missing_optional_package_names_its_extra():
     with pytest.raises(MissingDependencyError, match="pip install onnxscript"):
         require("onnxscript_missing_for_test", None, "export ONNX")
     assert require("json", None, "anything").dumps([]) == "[]"
+
+
+# --- metadata of .pt2 and .onnx files: malformed text is one error, never a traceback -------------------------
+
+GOOD = {"input_size": [20, 24], "in_chans": 3, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
+        "labels": ["a", "b"], "geometry": {"stride": [2, 2], "offset": [0, 0], "window": [20, 24],
+                                           "receptive_field": [20, 24]}, "source": "x"}
+MALFORMED = [
+    ("{not json", "not JSON"),
+    ("[1, 2]", "a list, not an object"),
+    ('{"input_size": [20, 24]}', "no in_chans"),
+    (json.dumps({**GOOD, "input_size": "64"}), "input_size '64'"),
+    (json.dumps({**GOOD, "input_size": [10**12, 24]}), "input_size"),
+    (json.dumps({**GOOD, "in_chans": True}), "in_chans True"),
+    (json.dumps({**GOOD, "mean": [0.5]}), "mean [0.5] is not 3 numbers"),
+    (json.dumps({**GOOD, "std": [0.25, 0.0, 0.25]}), "std has a value ≤ 0"),
+    (json.dumps({**GOOD, "labels": "ab"}), "labels is not a list"),
+    (json.dumps({**GOOD, "geometry": {**GOOD["geometry"], "stride": "ab"}}), "geometry.stride 'ab'"),
+    (json.dumps({**GOOD, "geometry": {**GOOD["geometry"], "window": [0, 24]}}), "stride or window ≤ 0"),
+]
+
+
+@pytest.mark.parametrize("raw, fragment", MALFORMED)
+def test_malformed_metadata_is_one_model_load_error(raw, fragment):
+    with pytest.raises(ModelLoadError) as info:
+        ModelMetadata.parse(raw, "m.pt2")
+    assert fragment in info.value.message and "m.pt2" in info.value.message
+    assert "fcnify convert" in info.value.hint
+
+
+def test_malformed_metadata_in_files_through_the_cli(tmp_path):
+    """A .pt2 and an .onnx whose fcnify metadata was damaged: exit 1, one line, no traceback."""
+    runner = CliRunner()
+    good = tmp_path / "good.pt2"
+    assert runner.invoke(cli.app, ["convert", "digits", "-o", str(good), "--onnx", str(tmp_path / "good.onnx")]
+                         ).exit_code == 0
+    bad = tmp_path / "bad.pt2"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(bad, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            dst.writestr(info, json.dumps({**json.loads(data), "in_chans": "one"}) if
+                         info.filename.endswith("extra/fcnify.json") else data)
+    onnx = pytest.importorskip("onnx")
+    model = onnx.load(str(tmp_path / "good.onnx"))
+    for prop in model.metadata_props:
+        if prop.key == "fcnify":
+            prop.value = prop.value.replace('"labels": [', '"labels": 7, "x": [')
+    onnx.save(model, str(tmp_path / "bad.onnx"))
+    for path, fragment in ((bad, "in_chans 'one'"), (tmp_path / "bad.onnx", "labels is not a list")):
+        result = runner.invoke(cli.app, ["heatmap", str(tmp_path / "x.png"), "--model", str(path), "-o",
+                                         str(tmp_path / "out")])
+        assert result.exit_code == 1, result.output
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and fragment in lines[0] and "malformed" in lines[0], lines
+        assert "Traceback" not in result.output
