@@ -27,6 +27,8 @@ import copy
 import dataclasses
 import logging
 import math
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.fx
@@ -93,6 +95,46 @@ def _has_window(module: nn.Module) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class WindowOp:
+    """A convolution or pool as the rewrite sees it: its window and what else changes its output."""
+
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int] | str  # 'same' / 'valid' as given to a convolution
+    dilation: tuple[int, int]
+    extra: dict = field(default_factory=dict, compare=False)  # ceil_mode, padding_mode, count_include_pad, …
+
+    @property
+    def ceil_mode(self) -> bool:
+        return bool(self.extra.get("ceil_mode"))
+
+    def native(self) -> NativeWindow:
+        """The original window with explicit padding, as the graph's fitting functions need it."""
+        padding = self.padding if not isinstance(self.padding, str) else \
+            _string_padding(self.padding, self.kernel, self.dilation)
+        return NativeWindow(self.kernel, self.stride, padding, self.dilation, self.ceil_mode)
+
+
+class NativeWindow(NamedTuple):
+    """The original window op's parameters, passed to ``_fit_length``/``_ceil_pad`` in the graph (a tuple)."""
+
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    ceil_mode: bool
+
+
+@dataclass
+class _Grid:
+    """Where a spatial value of the graph lies: ``jump`` is its original cumulative stride, ``fine`` how many
+    times finer than the original it is after the rewrite (1: unchanged)."""
+
+    jump: tuple[int, int]
+    fine: tuple[int, int]
+
+
 def dilate(fcn, output_stride: int):
     """A new ``FullyConvolutionalNet`` whose map has stride ``output_stride`` (the input is not modified).
 
@@ -104,144 +146,181 @@ def dilate(fcn, output_stride: int):
             rewrite cannot keep exact (named, with the reason).
     """
     from fcnify.convert import FullyConvolutionalNet
-    from fcnify.convert.analysis import analyse
-    from fcnify.convert.geometry import _is_opaque
-    from fcnify.convert.rules import Rewrite
-    from fcnify.convert.trace import propagate_shapes, shape_of
 
     geometry = fcn.geometry
     native = tuple(int(v) for v in geometry.stride)
     target = int(output_stride)
-    if target < 1 or any(s % target for s in native):
-        raise ConversionError(f"--output-stride {output_stride} does not divide the network's stride "
-                              f"{native[0]}×{native[1]}",
-                              hint="choose a divisor, e.g. " + ", ".join(
-                                  str(d) for d in range(1, native[0]) if native[0] % d == 0 and native[1] % d == 0))
+    _check_output_stride(output_stride, native)
     if all(s == target for s in native):
         return fcn
     if geometry.size_dependent_padding:
         raise ConversionError("--output-stride: the network pads by an amount computed from the input size "
                               "('same' padding), which has no dilated equivalent",
                               hint="use the native stride, or shift_and_stitch")
-    gm: torch.fx.GraphModule = copy.deepcopy(fcn.net)
-    param = next(gm.parameters(), None)
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    device = param.device if param is not None else torch.device("cpu")
-    example = torch.zeros(1, fcn.in_chans, *fcn.input_size, dtype=dtype, device=device)
-    propagate_shapes(gm, example)
-    info = analyse(gm).info
-    modules = dict(gm.named_modules())
-    uses: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            uses[node.target] = uses.get(node.target, 0) + 1
-
-    jump: dict[torch.fx.Node, tuple[int, int]] = {}  # the original cumulative stride of each spatial value
-    fine: dict[torch.fx.Node, tuple[int, int]] = {}  # how many times finer than the original it now is
-    rewrites: list[Rewrite] = []
-
-    def record(node, old, new):
-        src = node.all_input_nodes[0] if node.all_input_nodes else None
-        rewrites.append(Rewrite(node.name, old, new, shape_of(src) if src is not None else None, shape_of(node)))
-
-    for node in list(gm.graph.nodes):
-        if node.op == "placeholder":
-            jump[node], fine[node] = (1, 1), (1, 1)
-            continue
-        spatial = [n for n in node.all_input_nodes if n in jump]
-        if not spatial or node.op == "output":
-            continue
-        src = spatial[0]
-        j_in, d_in = jump[src], fine[src]
-        name = op_name(node, modules)
-        module = modules.get(node.target) if node.op == "call_module" else None
-        in_dims, out_dims = info[src].spatial_dims, info[node].spatial_dims if node in info else None
-        in_shape, out_shape = shape_of(src), shape_of(node)
-        window_op = name in ("conv2d", "max_pool2d", "avg_pool2d") and (
-            module is None or isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)))
-        if window_op:
-            if in_dims not in (None, (2, 3)):
-                raise _refuse(node, "a window op on a map that is not N×C×H×W")
-            k, st, p, d, extra = _window_params(node, name, module)
-            j_out = tuple(j * s for j, s in zip(j_in, st))
-            new_jump = tuple(min(j, target) for j in j_out)
-            j_new_in = tuple(j // dd for j, dd in zip(j_in, d_in))
-            if any(nj % jn for nj, jn in zip(new_jump, j_new_in)) or any(j % nj for j, nj in zip(j_out, new_jump)):
-                raise _refuse(node, f"its stride {st} does not split at output stride {target} (input stride "
-                                    f"{j_in})", hint="choose an output stride that is a product of the strides "
-                                                     "of the first layers")
-            new_stride = tuple(nj // jn for nj, jn in zip(new_jump, j_new_in))
-            d_out = tuple(j // nj for j, nj in zip(j_out, new_jump))
-            jump[node], fine[node] = j_out, d_out
-            if new_stride == st and d_in == (1, 1):
-                continue
-            if k == (1, 1) and p in ((0, 0), "valid", "same") and new_stride == st:
-                continue  # a 1×1 window reads one position whatever its dilation
-            new_dil = tuple(dd * f for dd, f in zip(d, d_in))
-            new_pad = _scaled_padding(node, p, d_in, k)
-            record(node, f"{name} k{k} s{st} p{p} d{d}", f"s{new_stride} p{new_pad} d{new_dil}")
-            x_in = node.args[0]
-            new = _edit_window_op(gm, node, name, module, uses, k, new_stride, new_pad, new_dil, extra)
-            params = (k, st, p if not isinstance(p, str) else _string_padding(p, k, d), d, bool(extra.get("ceil_mode")))
-            new = _fit_node(gm, new, x_in, params, d_in, d_out, new_stride, new_pad, new_dil)
-            if new is not node:
-                jump[new], fine[new], info[new] = jump[node], fine[node], info[node]
-            modules = dict(gm.named_modules())
-            continue
-        if d_in == (1, 1) and all(fine.get(n, (1, 1)) == (1, 1) for n in spatial):
-            # Before the cut point nothing changes; follow the original strides to find it.
-            if out_dims is not None and in_shape is not None and out_shape is not None and \
-                    tuple(in_shape[i] for i in in_dims) != tuple(out_shape[i] for i in out_dims):
-                j_probe = _resolution_factor(in_shape, in_dims, out_shape, out_dims)
-                if j_probe is None:
-                    raise _refuse(node, f"'{name}' changes the resolution ({in_shape} → {out_shape}) in a way "
-                                        "fcnify cannot follow")
-                jump[node], fine[node] = tuple(j * f for j, f in zip(j_in, j_probe)), (1, 1)
-                if any(j > target for j in jump[node]):
-                    raise _refuse(node, f"'{name}' changes the resolution past the output stride and is not a "
-                                        "convolution or pool that can be dilated")
-                continue
-            if out_dims is not None:
-                jump[node], fine[node] = j_in, (1, 1)
-            continue
-        # A dilated map flows in.
-        if any(fine.get(n) != d_in for n in spatial):
-            raise _refuse(node, "it merges maps that are not equally fine")
-        if name in _GLOBAL_REDUCTIONS and out_dims is None:
-            # Squeeze-excitation: reduce over the original grid positions only, as the original did.
-            _subsample_input(gm, node, src, d_in)
-            record(node, f"global {name}", f"{name} over every {d_in[0]}×{d_in[1]}th position (original grid)")
-            continue
-        if name == "pad":
-            _scale_pad(node, d_in)
-            record(node, "pad", f"pad ×{d_in}")
-            jump[node], fine[node] = j_in, d_in
-            continue
-        if module is not None and _is_opaque(node, modules) and _has_window(module):
-            raise _refuse(node, f"the opaque module {type(module).__name__} contains windowed layers that fcnify "
-                                "cannot dilate", hint="make the module traceable, or use shift_and_stitch")
-        if out_dims is None:
-            if out_shape is not None and len(out_shape) == 4 and in_shape is not None:
-                raise _refuse(node, f"'{name}' turns the map into a value fcnify cannot follow")
-            continue
-        if in_shape is not None and out_shape is not None and \
-                tuple(in_shape[i] for i in in_dims) != tuple(out_shape[i] for i in out_dims):
-            raise _refuse(node, f"'{name}' changes the resolution ({tuple(in_shape)} → {tuple(out_shape)}) after "
-                                "the cut point and is not a convolution or pool")
-        if node.op == "call_function" and _is_opaque(node, modules):
-            raise _refuse(node, f"the opaque function '{name}' may look at neighbouring positions")
-        jump[node], fine[node] = j_in, d_in
-
+    rewrite = _DilationPass(fcn, target)
+    gm = rewrite.run()
     _crop_output(gm, tuple(n // target for n in native), tuple(int(v) for v in geometry.window), target)
     gm.graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()
     gm.eval()
     geo = dataclasses.replace(geometry, stride=(target, target))
-    result = FullyConvolutionalNet(gm, geo, fcn.input_size, fcn.in_chans, list(fcn.rewrites) + rewrites).eval()
-    _check(fcn, result, example)
-    _logger.info("output stride %d: %d layers rewritten", target, len(rewrites))
+    result = FullyConvolutionalNet(gm, geo, fcn.input_size, fcn.in_chans, list(fcn.rewrites) + rewrite.rewrites)
+    result = result.eval()
+    _check(fcn, result, rewrite.example)
+    _logger.info("output stride %d: %d layers rewritten", target, len(rewrite.rewrites))
     return result
+
+
+def _check_output_stride(output_stride, native: tuple[int, int]) -> None:
+    if int(output_stride) < 1 or any(s % int(output_stride) for s in native):
+        raise ConversionError(f"--output-stride {output_stride} does not divide the network's stride "
+                              f"{native[0]}×{native[1]}",
+                              hint="choose a divisor, e.g. " + ", ".join(
+                                  str(d) for d in range(1, native[0]) if native[0] % d == 0 and native[1] % d == 0))
+
+
+class _DilationPass:
+    """One walk over a deep copy of the converted graph, in order: each node either keeps its grid (before the
+    cut point), becomes a stride-1 dilated window op (``_window_op``), or follows a finer map (``_after_cut``)."""
+
+    def __init__(self, fcn, target: int):
+        from fcnify.convert.analysis import analyse
+        from fcnify.convert.trace import propagate_shapes
+
+        self.target = target
+        self.gm: torch.fx.GraphModule = copy.deepcopy(fcn.net)
+        param = next(self.gm.parameters(), None)
+        dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+        device = param.device if param is not None else torch.device("cpu")
+        self.example = torch.zeros(1, fcn.in_chans, *fcn.input_size, dtype=dtype, device=device)
+        propagate_shapes(self.gm, self.example)
+        self.info = analyse(self.gm).info
+        self.modules = dict(self.gm.named_modules())
+        self.uses: dict[str, int] = {}
+        for node in self.gm.graph.nodes:
+            if node.op == "call_module":
+                self.uses[node.target] = self.uses.get(node.target, 0) + 1
+        self.grid: dict[torch.fx.Node, _Grid] = {}
+        self.rewrites: list = []
+
+    def record(self, node, old: str, new: str) -> None:
+        from fcnify.convert.rules import Rewrite
+        from fcnify.convert.trace import shape_of
+
+        src = node.all_input_nodes[0] if node.all_input_nodes else None
+        self.rewrites.append(Rewrite(node.name, old, new, shape_of(src) if src is not None else None,
+                                     shape_of(node)))
+
+    def run(self) -> torch.fx.GraphModule:
+        from fcnify.convert.geometry import _is_opaque
+        from fcnify.convert.trace import shape_of
+
+        for node in list(self.gm.graph.nodes):
+            if node.op == "placeholder":
+                self.grid[node] = _Grid((1, 1), (1, 1))
+                continue
+            spatial = [n for n in node.all_input_nodes if n in self.grid]
+            if not spatial or node.op == "output":
+                continue
+            src = spatial[0]
+            name = op_name(node, self.modules)
+            module = self.modules.get(node.target) if node.op == "call_module" else None
+            in_dims = self.info[src].spatial_dims
+            out_dims = self.info[node].spatial_dims if node in self.info else None
+            shapes = (shape_of(src), shape_of(node))
+            if name in ("conv2d", "max_pool2d", "avg_pool2d") and (
+                    module is None or isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d))):
+                if in_dims not in (None, (2, 3)):
+                    raise _refuse(node, "a window op on a map that is not N×C×H×W")
+                self._window_op(node, name, module, self.grid[src])
+            elif self.grid[src].fine == (1, 1) and all(self.grid[n].fine == (1, 1) for n in spatial):
+                self._before_cut(node, name, self.grid[src], in_dims, out_dims, shapes)
+            else:
+                if any(self.grid[n].fine != self.grid[src].fine for n in spatial):
+                    raise _refuse(node, "it merges maps that are not equally fine")
+                self._after_cut(node, name, module, src, in_dims, out_dims, shapes, _is_opaque)
+        return self.gm
+
+    def _window_op(self, node, name: str, module, grid_in: _Grid) -> None:
+        """A convolution or pool: past the output stride it runs with stride 1, dilated by how much finer its
+        input is; ``_fit_node`` keeps its map D positions per original position."""
+        op = _window_params(node, name, module)
+        j_in, d_in, target = grid_in.jump, grid_in.fine, self.target
+        j_out = tuple(j * s for j, s in zip(j_in, op.stride))
+        new_jump = tuple(min(j, target) for j in j_out)
+        j_new_in = tuple(j // dd for j, dd in zip(j_in, d_in))
+        if any(nj % jn for nj, jn in zip(new_jump, j_new_in)) or any(j % nj for j, nj in zip(j_out, new_jump)):
+            raise _refuse(node, f"its stride {op.stride} does not split at output stride {target} (input stride "
+                                f"{j_in})", hint="choose an output stride that is a product of the strides "
+                                                 "of the first layers")
+        new_stride = tuple(nj // jn for nj, jn in zip(new_jump, j_new_in))
+        d_out = tuple(j // nj for j, nj in zip(j_out, new_jump))
+        self.grid[node] = _Grid(j_out, d_out)
+        if new_stride == op.stride and d_in == (1, 1):
+            return
+        if op.kernel == (1, 1) and op.padding in ((0, 0), "valid", "same") and new_stride == op.stride:
+            return  # a 1×1 window reads one position whatever its dilation
+        new_dil = tuple(dd * f for dd, f in zip(op.dilation, d_in))
+        new_pad = _scaled_padding(node, op.padding, d_in, op.kernel)
+        self.record(node, f"{name} k{op.kernel} s{op.stride} p{op.padding} d{op.dilation}",
+                    f"s{new_stride} p{new_pad} d{new_dil}")
+        x_in = node.args[0]
+        new = _edit_window_op(self.gm, node, name, module, self.uses, op.kernel, new_stride, new_pad, new_dil,
+                              op.extra)
+        new = _fit_node(self.gm, new, x_in, op.native(), d_in, d_out, new_stride, new_pad, new_dil)
+        if new is not node:
+            self.grid[new] = self.grid[node]
+            self.info[new] = self.info[node]
+        self.modules = dict(self.gm.named_modules())
+
+    def _before_cut(self, node, name: str, grid_in: _Grid, in_dims, out_dims, shapes) -> None:
+        """Before the cut point nothing changes; follow the original strides to find it."""
+        in_shape, out_shape = shapes
+        if out_dims is not None and in_shape is not None and out_shape is not None and \
+                tuple(in_shape[i] for i in in_dims) != tuple(out_shape[i] for i in out_dims):
+            j_probe = _resolution_factor(in_shape, in_dims, out_shape, out_dims)
+            if j_probe is None:
+                raise _refuse(node, f"'{name}' changes the resolution ({in_shape} → {out_shape}) in a way "
+                                    "fcnify cannot follow")
+            self.grid[node] = _Grid(tuple(j * f for j, f in zip(grid_in.jump, j_probe)), (1, 1))
+            if any(j > self.target for j in self.grid[node].jump):
+                raise _refuse(node, f"'{name}' changes the resolution past the output stride and is not a "
+                                    "convolution or pool that can be dilated")
+            return
+        if out_dims is not None:
+            self.grid[node] = _Grid(grid_in.jump, (1, 1))
+
+    def _after_cut(self, node, name: str, module, src, in_dims, out_dims, shapes, is_opaque) -> None:
+        """A node on a finer map: global reductions read the original grid only, pads scale, and anything
+        that could look at neighbouring positions or change the resolution is refused."""
+        grid_in = self.grid[src]
+        in_shape, out_shape = shapes
+        if name in _GLOBAL_REDUCTIONS and out_dims is None:
+            # Squeeze-excitation: reduce over the original grid positions only, as the original did.
+            _subsample_input(self.gm, node, src, grid_in.fine)
+            self.record(node, f"global {name}", f"{name} over every {grid_in.fine[0]}×{grid_in.fine[1]}th "
+                                                "position (original grid)")
+            return
+        if name == "pad":
+            _scale_pad(node, grid_in.fine)
+            self.record(node, "pad", f"pad ×{grid_in.fine}")
+            self.grid[node] = _Grid(grid_in.jump, grid_in.fine)
+            return
+        if module is not None and is_opaque(node, self.modules) and _has_window(module):
+            raise _refuse(node, f"the opaque module {type(module).__name__} contains windowed layers that fcnify "
+                                "cannot dilate", hint="make the module traceable, or use shift_and_stitch")
+        if out_dims is None:
+            if out_shape is not None and len(out_shape) == 4 and in_shape is not None:
+                raise _refuse(node, f"'{name}' turns the map into a value fcnify cannot follow")
+            return
+        if in_shape is not None and out_shape is not None and \
+                tuple(in_shape[i] for i in in_dims) != tuple(out_shape[i] for i in out_dims):
+            raise _refuse(node, f"'{name}' changes the resolution ({tuple(in_shape)} → {tuple(out_shape)}) after "
+                                "the cut point and is not a convolution or pool")
+        if node.op == "call_function" and is_opaque(node, self.modules):
+            raise _refuse(node, f"the opaque function '{name}' may look at neighbouring positions")
+        self.grid[node] = _Grid(grid_in.jump, grid_in.fine)
 
 
 def _resolution_factor(in_shape, in_dims, out_shape, out_dims):
@@ -253,8 +332,8 @@ def _resolution_factor(in_shape, in_dims, out_shape, out_dims):
     return tuple(factors)
 
 
-def _window_params(node, name, module):
-    """(kernel, stride, padding, dilation, extra) of a conv or pool node; extra has what else matters."""
+def _window_params(node, name, module) -> WindowOp:
+    """The window of a conv or pool node, from its module or its call's arguments."""
     if module is not None:
         k = pair(module.kernel_size)
         st = pair(module.stride if module.stride is not None else module.kernel_size)
@@ -268,7 +347,7 @@ def _window_params(node, name, module):
                          divisor_override=module.divisor_override)
         if isinstance(module, nn.MaxPool2d):
             extra.update(ceil_mode=module.ceil_mode)
-        return k, st, p if isinstance(p, str) else pair(p), d, extra
+        return WindowOp(k, st, p if isinstance(p, str) else pair(p), d, extra)
     if name == "conv2d":
         weight = node_arg(node, 1, "weight")
         meta = weight.meta.get("tensor_meta") if isinstance(weight, torch.fx.Node) else None
@@ -278,7 +357,7 @@ def _window_params(node, name, module):
         st = pair(node_arg(node, 3, "stride", 1))
         p = node_arg(node, 4, "padding", 0)
         d = pair(node_arg(node, 5, "dilation", 1))
-        return k, st, p if isinstance(p, str) else pair(p), d, {}
+        return WindowOp(k, st, p if isinstance(p, str) else pair(p), d, {})
     args = [node_arg(node, i, n) for i, n in ((1, "kernel_size"), (2, "stride"), (3, "padding"))]
     if any(isinstance(a, torch.fx.Node) for a in args):
         raise _refuse(node, "a pool whose size is computed at run time")
@@ -286,10 +365,11 @@ def _window_params(node, name, module):
     st = pair(args[1] if args[1] not in (None, []) else args[0])
     p = pair(args[2] or 0)
     if name == "max_pool2d":
-        return k, st, p, pair(node_arg(node, 4, "dilation", 1)), {"ceil_mode": bool(node_arg(node, 5, "ceil_mode"))}
-    return k, st, p, (1, 1), {"ceil_mode": bool(node_arg(node, 4, "ceil_mode")),
-                              "count_include_pad": node_arg(node, 5, "count_include_pad", True),
-                              "divisor_override": node_arg(node, 6, "divisor_override")}
+        return WindowOp(k, st, p, pair(node_arg(node, 4, "dilation", 1)),
+                        {"ceil_mode": bool(node_arg(node, 5, "ceil_mode"))})
+    return WindowOp(k, st, p, (1, 1), {"ceil_mode": bool(node_arg(node, 4, "ceil_mode")),
+                                       "count_include_pad": node_arg(node, 5, "count_include_pad", True),
+                                       "divisor_override": node_arg(node, 6, "divisor_override")})
 
 
 def _scaled_padding(node, p, d_in, k):
@@ -373,7 +453,7 @@ def _fit_length(y: torch.Tensor, x: torch.Tensor, native, d_in, d_out, fine_pad)
     its padding, as it did in the original. Without this, a fine map can be one original position longer
     or shorter (odd sizes, ceil-mode pools) and the padding would read real values.
     """
-    k, s, p, dil, ceil = native
+    k, s, p, dil, ceil = NativeWindow(*native)
     target = []
     for axis in range(2):
         length = x.shape[axis - 2] // d_in[axis]
@@ -390,7 +470,7 @@ def _fit_length(y: torch.Tensor, x: torch.Tensor, native, d_in, d_out, fine_pad)
 
 def _ceil_pad(x: torch.Tensor, native, d_in, d_out, stride, padding, dilation) -> torch.Tensor:
     """-inf on the right/bottom so that a max pool without ceil mode reaches the last ceil-mode window."""
-    k, s, p, dil, _ = native
+    k, s, p, dil, _ = NativeWindow(*native)
     extra = []
     for axis in range(2):
         length = x.shape[axis - 2] // d_in[axis]
@@ -406,11 +486,12 @@ torch.fx.wrap("_fit_length")
 torch.fx.wrap("_ceil_pad")
 
 
-def _fit_node(gm, node, x_in, native, d_in, d_out, stride, padding, dilation):
+def _fit_node(gm, node, x_in, native: NativeWindow, d_in, d_out, stride, padding, dilation):
     """Insert ``_fit_length`` after ``node`` (and ``_ceil_pad`` before a ceil-mode max pool)."""
     if isinstance(padding, str):
-        padding = _string_padding(padding, native[0], dilation)
-    if native[4]:  # ceil mode: run without it on an input extended by -inf (max pools only; avg refused)
+        padding = _string_padding(padding, native.kernel, dilation)
+    native = tuple(native)  # a plain tuple in the graph's arguments
+    if NativeWindow(*native).ceil_mode:  # run without it on an input extended by -inf (max pools only; avg refused)
         modules = dict(gm.named_modules())
         if node.op == "call_module":
             modules[node.target].ceil_mode = False
