@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fcnify import __version__
-from fcnify.errors import FcnifyError, InputError, InternalError, NotEquivalentError, OutputError
+from fcnify.errors import FcnifyError, InputError, InternalError, NotEquivalentError, OutputError, first_line
 
 app = typer.Typer(
     name="fcnify", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -58,7 +58,7 @@ def _crash(exc: Exception) -> typer.Exit:
     """An unexpected exception: one line asking for a report, and the traceback only under --verbose."""
     if logging.getLogger("fcnify").isEnabledFor(logging.INFO):
         err_console.print_exception(show_locals=False)
-    detail = (str(exc).strip().splitlines() or [""])[0][:300]
+    detail = first_line(exc, 300)
     return _fail(InternalError(
         f"internal error: {type(exc).__name__}: {detail}",
         hint=f"this is a bug in fcnify {__version__}: please report it with the command you ran and the output "

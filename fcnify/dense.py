@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from fcnify.errors import InputError
-from fcnify.heatmap.scoremap import ScoreMap
+from fcnify.errors import InputError, first_line
+from fcnify.heatmap.scoremap import ScoreMap, check_class_count
 
 __all__ = ["PRECISIONS", "ScoreMap", "check_precision", "place_model", "score_map", "score_maps", "select_device",
            "with_output_stride"]
@@ -192,9 +192,7 @@ def score_maps(fcn: nn.Module, images: Sequence, geometry, labels: Sequence[str]
             batch = torch.stack([prepared[i].tensor for i in chunk])
             logits = _guarded(lambda batch=batch: _forward(fcn, batch, device, dtype), batch.shape, len(chunk))
             _logger.debug("ran %d image(s) of %s -> %s", len(chunk), shape, tuple(logits.shape))
-            if logits.shape[1] != len(labels):
-                raise InputError(f"the network gives {logits.shape[1]} classes but there are {len(labels)} labels",
-                                 hint="the labels do not belong to this model")
+            check_class_count(logits.shape[1], len(labels))
             for row, i in enumerate(chunk):
                 results[i] = ScoreMap(
                     logits=logits[row].contiguous(), labels=tuple(str(v) for v in labels),
@@ -219,7 +217,7 @@ def _guarded(run: Callable[[], torch.Tensor], shape, images: int = 1) -> torch.T
     except Exception as exc:
         raise InputError(
             f"the network failed on a {shape[-2]}x{shape[-1]} image: {type(exc).__name__}: "
-            f"{(str(exc).splitlines() or [''])[0][:200]}",
+            f"{first_line(exc, 200)}",
             hint="check that the model's channels and input size match the images") from exc
 
 

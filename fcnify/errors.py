@@ -6,6 +6,21 @@ Every error carries a ``hint``: what the user can do about it.
 
 from __future__ import annotations
 
+__all__ = ["ConversionError", "ExportError", "FcnifyError", "InputError", "InternalError", "MissingDependencyError",
+           "ModelLoadError", "NotEquivalentError", "OutputError", "UnsafeModelError", "describe", "first_line"]
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of an exception's message, at most ``limit`` characters (library errors can
+    run to pages; a user error is one line)."""
+    return (str(exc).strip().splitlines() or [""])[0][:limit]
+
+
+def describe(exc: BaseException, limit: int = 300) -> str:
+    """``TypeName: first line`` of an exception, for messages that wrap a library's error."""
+    line = first_line(exc, limit)
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+
 
 class FcnifyError(Exception):
     """Base class for every error fcnify reports to a user.

@@ -23,7 +23,8 @@ from torch import nn
 from fcnify.atomic import atomic_output
 from fcnify.convert import FullyConvolutionalNet
 from fcnify.convert.geometry import Geometry
-from fcnify.errors import ExportError, ModelLoadError, UnsafeModelError
+from fcnify.errors import ExportError, ModelLoadError, UnsafeModelError, first_line
+from fcnify.introspect import placement
 
 _logger = logging.getLogger(__name__)
 
@@ -137,11 +138,9 @@ def export_program(fcn: FullyConvolutionalNet) -> torch.export.ExportedProgram:
     guards become run-time checks.
     """
     (h, w), (sy, sx) = fcn.input_size, fcn.geometry.stride
-    param = next(fcn.parameters(), None)
+    device, dtype = placement(fcn)
     # An example two strides above the training size: a 1×1 output would be specialised to the constant 1.
-    example = torch.zeros(2, fcn.in_chans, h + 2 * sy + 1, w + 2 * sx + 1,
-                          dtype=param.dtype if param is not None else torch.float32,
-                          device=param.device if param is not None else "cpu")
+    example = torch.zeros(2, fcn.in_chans, h + 2 * sy + 1, w + 2 * sx + 1, dtype=dtype, device=device)
     named = {0: torch.export.Dim("batch", min=1, max=4096), 2: torch.export.Dim("height", min=h),
              3: torch.export.Dim("width", min=w)}
     dynamic = {0: torch.export.Dim.DYNAMIC, 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}
@@ -157,7 +156,7 @@ def export_program(fcn: FullyConvolutionalNet) -> torch.export.ExportedProgram:
             failure = exc
     raise ExportError(
         f"torch.export cannot capture the converted network with dynamic size: {type(failure).__name__}: "
-        f"{(str(failure).splitlines() or [''])[0][:300]}",
+        f"{first_line(failure, 300)}",
         hint="the body has size-dependent code; the in-memory network still works with 'fcnify heatmap'",
     ) from failure
 
@@ -237,7 +236,7 @@ def load_pt2(path: str | os.PathLike, trust_model: bool = False) -> tuple[nn.Mod
         program = torch.export.load(io.BytesIO(data), extra_files=extra)
     except Exception as exc:
         raise ModelLoadError(f"cannot load {path} as a torch.export program: {type(exc).__name__}: "
-                             f"{(str(exc).splitlines() or [''])[0][:200]}",
+                             f"{first_line(exc, 200)}",
                              hint="re-create it with 'fcnify convert'") from exc
     meta = ModelMetadata.parse(extra[METADATA_NAME], str(path)) if extra.get(METADATA_NAME) else None
     return program.module(), meta

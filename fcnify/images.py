@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from fcnify.errors import InputError
+from fcnify.errors import InputError, first_line
 
 __all__ = [
     "DEFAULT_MAX_PIXELS", "IMAGE_EXTENSIONS", "PreparedImage", "display_rgb", "fetch_uri", "is_image_path", "prepare",
@@ -137,7 +137,7 @@ def _open_and_load(source, path, limit: int) -> Image.Image:
         raise InputError(f"{path} is not an image Pillow can read",
                          hint="give a PNG, JPEG, TIFF, WebP, BMP or another format Pillow reads") from exc
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as exc:
-        detail = (str(exc).splitlines() or [""])[0][:160]
+        detail = first_line(exc, 160)
         kind = "truncated" if "truncat" in detail.lower() or isinstance(exc, EOFError) else "corrupt"
         raise InputError(f"{path} is a {kind} image ({type(exc).__name__}: {detail})",
                          hint="the file is damaged or incomplete; re-export or re-download it") from exc
@@ -161,7 +161,7 @@ def fetch_uri(uri: str) -> bytes:
     except InputError:
         raise
     except Exception as exc:  # pyarrow raises OSError, ArrowInvalid (ValueError), ArrowNotImplementedError…
-        detail = (str(exc).splitlines() or [""])[0][:200]
+        detail = first_line(exc, 200)
         raise InputError(f"cannot read {uri}: {type(exc).__name__}: {detail}",
                          hint="check the URI and the credentials pyarrow uses for its filesystem") from exc
 

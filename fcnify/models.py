@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fcnify.errors import InputError, ModelLoadError, UnsafeModelError
+from fcnify.errors import InputError, ModelLoadError, UnsafeModelError, describe, first_line
+from fcnify.introspect import input_channels
 
 _logger = logging.getLogger(__name__)
 
@@ -83,17 +84,6 @@ class LoadedModel:
         return self.normalisation == ASSUMED
 
 
-def _channels(module: nn.Module) -> int:
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            return m.in_channels
-        if getattr(m, "original_name", None) == "Conv2d":  # TorchScript keeps the layer's name and weight
-            weight = getattr(m, "weight", None)
-            if isinstance(weight, torch.Tensor) and weight.dim() == 4:
-                return int(weight.shape[1])
-    return 3
-
-
 def _default_labels(module: nn.Module, count: int | None = None) -> tuple[str, ...]:
     if count is None:
         linears = [m for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
@@ -126,7 +116,7 @@ def _torchvision(name: str, weights: str) -> LoadedModel:
     except Exception as exc:
         raise ModelLoadError(
             f"cannot get the pretrained weights of torchvision:{name}: {type(exc).__name__}: "
-            f"{(str(exc).splitlines() or [''])[0][:160]}",
+            f"{first_line(exc, 160)}",
             hint="you may be offline: pass --weights PATH with a downloaded file, or --weights none",
         ) from exc
     size, mean, std, labels = None, IMAGENET_MEAN, IMAGENET_STD, None
@@ -228,7 +218,7 @@ def _assumed_normalisation(in_chans: int) -> tuple[tuple[float, ...], tuple[floa
 
 def _user_model(module: nn.Module, source: str, path: Path | None = None, in_chans: int | None = None) -> LoadedModel:
     """A model of the user's own: nothing says how it was trained, so ImageNet normalisation is assumed."""
-    in_chans = in_chans or _channels(module)
+    in_chans = in_chans or input_channels(module)
     mean, std = _assumed_normalisation(in_chans)
     return LoadedModel(module.eval(), None, in_chans, mean, std, _default_labels(module), source,
                        extra={"path": str(path)} if path is not None else {}, normalisation=ASSUMED)
@@ -286,7 +276,7 @@ def _import_user_module(location: str):
                              "which is not installed", hint=f"pip install the package that provides '{exc.name}'") from None
     except Exception as exc:
         raise ModelLoadError(f"importing module '{name}' (from {folder}) failed: {type(exc).__name__}: "
-                             f"{(str(exc).splitlines() or [''])[0][:200]}",
+                             f"{first_line(exc, 200)}",
                              hint="fix the error in the module; fcnify imports it as Python would") from None
 
 
@@ -312,7 +302,7 @@ def _build_arch(arch: str) -> LoadedModel:
         module = getattr(user_module, factory)()
     except Exception as exc:
         raise ModelLoadError(f"cannot build --arch {arch}: {type(exc).__name__}: "
-                             f"{(str(exc).splitlines() or [''])[0][:200]}",
+                             f"{first_line(exc, 200)}",
                              hint="the factory must take no arguments and return the model") from None
     if not isinstance(module, nn.Module):
         raise ModelLoadError(f"--arch {arch} returned {type(module).__name__}, not a torch.nn.Module",
@@ -363,7 +353,7 @@ def _safe_torch_load(path: Path):
                 f"{path} is a pickle that needs {names}; loading it would run code from the file",
                 hint="pass --trust-model if you trust it, or save model.state_dict() (or safetensors) and use --arch",
             ) from exc
-        raise ModelLoadError(f"cannot read {path}: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}",
+        raise ModelLoadError(f"cannot read {path}: {describe(exc, 160)}",
                              hint="the file may be truncated or not a PyTorch file") from exc
 
 
@@ -453,7 +443,7 @@ def _trusted_file(path: Path) -> LoadedModel:
                                  "state_dict and use --arch") from None
         except Exception as exc:
             raise ModelLoadError(f"cannot unpickle {path}: {type(exc).__name__}: "
-                                 f"{(str(exc).splitlines() or [''])[0][:200]}",
+                                 f"{first_line(exc, 200)}",
                                  hint="the file may be truncated or not a PyTorch file") from None
     if not isinstance(module, nn.Module):
         raise ModelLoadError(f"{path} holds a {type(module).__name__}, not a model",
@@ -469,7 +459,7 @@ def _torchscript(path: Path) -> LoadedModel:
             module = torch.jit.load(str(path), map_location="cpu")
         except Exception as exc:
             raise ModelLoadError(f"cannot load TorchScript {path}: {type(exc).__name__}: "
-                                 f"{(str(exc).splitlines() or [''])[0][:200]}", hint="the file may be truncated") from None
+                                 f"{first_line(exc, 200)}", hint="the file may be truncated") from None
     return _user_model(module, str(path), path)
 
 

@@ -37,6 +37,7 @@ from fcnify.convert import FullyConvolutionalNet
 from fcnify.convert.geometry import Geometry
 from fcnify.errors import ExportError, ModelLoadError, NotEquivalentError
 from fcnify.export import ModelMetadata, atomic_output, export_program
+from fcnify.introspect import placement
 
 _logger = logging.getLogger(__name__)
 
@@ -235,9 +236,7 @@ def _export_torchscript(fcn: FullyConvolutionalNet, opset: int):
     import onnx
 
     (h, w), (sy, sx) = fcn.input_size, fcn.geometry.stride
-    param = next(fcn.parameters(), None)
-    example = torch.zeros(2, fcn.in_chans, h + 2 * sy + 1, w + 2 * sx + 1,
-                          device=param.device if param is not None else "cpu")
+    example = torch.zeros(2, fcn.in_chans, h + 2 * sy + 1, w + 2 * sx + 1, device=placement(fcn)[0])
     buffer = io.BytesIO()
     axes = {0: "batch", 2: "height", 3: "width"}
     with warnings.catch_warnings(), _quiet_fds(), torch.no_grad():
@@ -503,9 +502,7 @@ def _reference(fcn_or_module: nn.Module, metadata: ModelMetadata | None) -> nn.M
         raise ModelLoadError("cannot compare an ONNX file without fcnify metadata against a classifier",
                              hint="give the converted network instead")
     module = fcn_or_module.eval()
-    param = next(module.parameters(), None)
-    probe = torch.zeros(1, metadata.in_chans, *metadata.input_size,
-                        device=param.device if param is not None else "cpu")
+    probe = torch.zeros(1, metadata.in_chans, *metadata.input_size, device=placement(module)[0])
     with torch.no_grad():
         out = module(probe)
     if out.dim() == 4:
@@ -537,9 +534,7 @@ def verify_onnx(onnx_path: str | os.PathLike | bytes, fcn_or_module: nn.Module,
                                  hint="pass the sizes to check")
         sizes = check_sizes(net.metadata.input_size, net.metadata.geometry.stride)
     in_chans = net.in_chans if isinstance(net.in_chans, int) else getattr(reference, "in_chans", 3)
-    param = next(reference.parameters(), None)
-    ref_device = param.device if param is not None else torch.device("cpu")
-    ref_dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    ref_device, ref_dtype = placement(reference)
     generator = torch.Generator().manual_seed(seed)
     results = []
     for size in sizes:
@@ -582,8 +577,7 @@ def export_onnx(fcn: FullyConvolutionalNet, metadata: ModelMetadata, path: str |
     onnx = _require("onnx", "write ONNX files")
     _require("onnxruntime", "check the exported file")
     path = Path(path)
-    param = next(fcn.parameters(), None)
-    if param is not None and param.dtype != torch.float32:
+    if placement(fcn)[1] != torch.float32:
         fcn = copy.deepcopy(fcn).float()  # the file is float32; the caller's network is left as it is
     with atomic_output(path, force) as tmp:
         started = time.perf_counter()

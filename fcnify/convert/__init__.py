@@ -27,7 +27,8 @@ from fcnify.convert.rules import (
     refuse,
 )
 from fcnify.convert.trace import capture, propagate_shapes, shape_of
-from fcnify.errors import ConversionError, InputError
+from fcnify.errors import ConversionError, InputError, describe
+from fcnify.introspect import input_channels, placement
 
 __all__ = ["FullyConvolutionalNet", "Geometry", "Rewrite", "convert", "parse_input_size"]
 
@@ -85,13 +86,6 @@ def parse_input_size(value) -> tuple[int, int]:
     return size
 
 
-def _infer_in_chans(model: nn.Module) -> int:
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            return module.in_channels
-    return 3
-
-
 def convert(model: nn.Module, input_size=(224, 224), in_chans: int | None = None,
             optimize: bool = True) -> FullyConvolutionalNet:
     """Rewrite ``model`` into the fully-convolutional network that computes the same function.
@@ -110,7 +104,7 @@ def convert(model: nn.Module, input_size=(224, 224), in_chans: int | None = None
         InputError: an input size the model cannot run at.
     """
     height, width = parse_input_size(input_size)
-    in_chans = in_chans or _infer_in_chans(model)
+    in_chans = in_chans or input_channels(model)
     if isinstance(model, torch.jit.ScriptModule):  # no Python forward to trace: its graph, rebuilt
         from fcnify.convert.from_export import from_torchscript
 
@@ -123,9 +117,7 @@ def convert(model: nn.Module, input_size=(224, 224), in_chans: int | None = None
 def _convert(model: nn.Module, size: tuple[int, int], in_chans: int, optimize: bool) -> FullyConvolutionalNet:
     height, width = size
     source = copy.deepcopy(model).eval()
-    param = next(source.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    device, dtype = placement(source)
     example = torch.randn(2, in_chans, height, width, device=device, dtype=dtype)
 
     traced = capture(source)
@@ -134,7 +126,7 @@ def _convert(model: nn.Module, size: tuple[int, int], in_chans: int, optimize: b
     except Exception as exc:
         raise InputError(
             f"the model does not run at input size {height}x{width} with {in_chans} channels: "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+            f"{describe(exc)}",
             hint="pass the size it was trained at with --input-size (e.g. 224 or 224x192)",
         ) from exc
     out_shape = shape_of(next(n for n in traced.graph.nodes if n.op == "output").args[0]) \
@@ -157,7 +149,7 @@ def _convert(model: nn.Module, size: tuple[int, int], in_chans: int, optimize: b
         propagate_shapes(new_gm, example)
     except Exception as exc:
         raise ConversionError(
-            f"the rewritten network does not run at the training size: {type(exc).__name__}: {exc}".splitlines()[0],
+            f"the rewritten network does not run at the training size: {describe(exc)}",
             hint="please report this model; the rewrite is refused rather than returned broken",
         ) from exc
     geometry = compute_geometry(new_gm, (height, width), analysis.has_global_context)
@@ -178,7 +170,7 @@ def _check_grid(net: nn.Module, geometry: Geometry, example: torch.Tensor) -> No
     except Exception as exc:
         raise ConversionError(
             f"the rewritten network does not run above the training size ({h + sy}x{w + sx}): "
-            f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}",
+            f"{describe(exc, 200)}",
             hint="some block of the body only works at the training size (window attention, fixed reshapes)",
         ) from exc
     if at_training.dim() != 4 or tuple(at_training.shape[-2:]) != (1, 1) or tuple(grown.shape[-2:]) != (2, 2):

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fcnify.convert.ops import node_arg, op_name, pair
-from fcnify.errors import ConversionError
+from fcnify.errors import ConversionError, first_line
+from fcnify.introspect import placement
 
 __all__ = ["DilatedAvgPool2d", "dilate", "shift_and_stitch"]
 
@@ -190,9 +191,7 @@ class _DilationPass:
 
         self.target = target
         self.gm: torch.fx.GraphModule = copy.deepcopy(fcn.net)
-        param = next(self.gm.parameters(), None)
-        dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-        device = param.device if param is not None else torch.device("cpu")
+        device, dtype = placement(self.gm)
         self.example = torch.zeros(1, fcn.in_chans, *fcn.input_size, dtype=dtype, device=device)
         propagate_shapes(self.gm, self.example)
         self.info = analyse(self.gm).info
@@ -591,7 +590,7 @@ def _check(original, fine, example: torch.Tensor) -> None:
             dense = fine(x)
         except Exception as exc:
             raise ConversionError(f"--output-stride: the dilated network does not run: {type(exc).__name__}: "
-                                  f"{(str(exc).splitlines() or [''])[0][:200]}",
+                                  f"{first_line(exc, 200)}",
                                   hint="please report the model; use shift_and_stitch meanwhile") from exc
     h, w = reference.shape[-2:]
     sampled = dense[:, :, ::k[0], ::k[1]][:, :, :h, :w]

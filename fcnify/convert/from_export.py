@@ -18,7 +18,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from fcnify.errors import ConversionError
+from fcnify.errors import ConversionError, first_line
 
 _logger = logging.getLogger(__name__)
 
@@ -315,7 +315,7 @@ def from_torchscript(script: torch.jit.ScriptModule, input_size: tuple[int, int]
     except Exception as exc:
         raise ConversionError(
             f"the TorchScript graph cannot be turned into a Python graph fcnify can rewrite: {type(exc).__name__}: "
-            f"{(str(exc).splitlines() or [''])[0][:300]}",
+            f"{first_line(exc, 300)}",
             hint="check --input-size and --in-chans; else convert the Python model: save model.state_dict() and "
             "pass --arch module:factory") from None
     return rebuild_modules(program.module())

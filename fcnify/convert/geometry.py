@@ -18,6 +18,7 @@ from torch import nn
 
 from fcnify.convert.ops import node_arg, op_name, pair
 from fcnify.convert.trace import shape_of
+from fcnify.introspect import placement
 
 
 @dataclass(frozen=True)
@@ -244,10 +245,9 @@ def _probe_opaque(node, module, cell: _Cell, in_shape, in_hw, out_hw) -> _Cell:
     """Geometry of an opaque module, assuming no padding: stride from growth, kernel from the size lost."""
     stride = [max(1, round(i / o)) if o else 1 for i, o in zip(in_hw, out_hw)]
     if module is not None and in_shape is not None and len(in_shape) == 4:
-        param = next(module.parameters(), None)
-        probe = torch.zeros(1, in_shape[1], in_hw[0] + _PROBE_GROWTH, in_hw[1] + _PROBE_GROWTH,
-                            dtype=param.dtype if param is not None else torch.float32,
-                            device=param.device if param is not None else "cpu")
+        device, dtype = placement(module)
+        probe = torch.zeros(1, in_shape[1], in_hw[0] + _PROBE_GROWTH, in_hw[1] + _PROBE_GROWTH, dtype=dtype,
+                            device=device)
         try:
             with torch.no_grad():
                 grown = module(probe).shape[-2:]

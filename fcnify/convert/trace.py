@@ -19,7 +19,7 @@ import torch.fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from fcnify.errors import ConversionError
+from fcnify.errors import ConversionError, describe
 
 _logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def capture(model: nn.Module) -> torch.fx.GraphModule:
             failed = tracer.failed_module
             if not failed or failed in leaf_names:
                 raise ConversionError(
-                    f"cannot capture the graph of {type(model).__name__}: {type(exc).__name__}: {exc}".splitlines()[0],
+                    f"cannot capture the graph of {type(model).__name__}: {describe(exc)}",
                     hint="the model's own forward() branches on tensor values or shapes; move that logic into a "
                     "submodule, or export a torchvision/timm architecture by name",
                 ) from exc

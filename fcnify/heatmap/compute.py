@@ -23,6 +23,7 @@ from torch import nn
 from fcnify.dense import _forward, _guarded, check_precision, place_model, select_device
 from fcnify.errors import InputError, InternalError
 from fcnify.heatmap.plan import ForegroundMask, NetworkBounds, Tile, TilePlan
+from fcnify.heatmap.scoremap import check_class_count
 
 __all__ = ["RUNTIMES", "PeakTracker", "TileNetwork", "choose_runtime", "compute_tiles", "onnx_twin", "read_tiles",
            "to_model_input"]
@@ -264,9 +265,8 @@ def compute_tiles(view, plan: TilePlan, network: TileNetwork, bounds: NetworkBou
         inputs = torch.stack([to_model_input(region, network.in_chans, network.mean, network.std,
                                              tile.input_shape) for tile, region in batch])
         logits = network.run(inputs)
-        if labels is not None and logits.shape[1] != labels:
-            raise InputError(f"the network gives {logits.shape[1]} classes but there are {labels} labels",
-                             hint="the labels do not belong to this model")
+        if labels is not None:
+            check_class_count(logits.shape[1], labels)
         for k, (tile, _) in enumerate(batch):
             scores = torch.softmax(_kept(tile, logits[k], plan.stride), dim=0).numpy()
             if mask is not None:

@@ -15,6 +15,7 @@ import torch.fx
 from torch import nn
 
 from fcnify.errors import InputError
+from fcnify.introspect import placement
 
 __all__ = ["available_memory", "bytes_per_pixel", "parse_memory", "parse_tile", "tile_side"]
 
@@ -123,9 +124,7 @@ def bytes_per_pixel(fcn: nn.Module, in_chans: int, window: tuple[int, int]) -> f
     graph = getattr(fcn, "net", fcn)
     if not isinstance(graph, torch.fx.GraphModule):
         return 400.0
-    param = next(graph.parameters(), None)
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    device = param.device if param is not None else torch.device("cpu")
+    device, dtype = placement(graph)
     size = tuple(2 * int(w) for w in window)
     probe = torch.zeros(1, in_chans, *size, dtype=dtype, device=device)
     try:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from fcnify.errors import InputError
-from fcnify.heatmap.scoremap import ScoreMap
+from fcnify.heatmap.scoremap import ScoreMap, check_class_count
 
 __all__ = ["multiscale_map", "parse_scales", "reference_scale", "resample_to"]
 
@@ -123,9 +123,7 @@ def multiscale_map(logits_fn: Callable[[torch.Tensor], torch.Tensor], prepared, 
                          size[0], size[1], *window)
             continue
         logits = logits_fn(_resize(base, size))
-        if logits.shape[0] != len(labels):
-            raise InputError(f"the network gives {logits.shape[0]} classes but there are {len(labels)} labels",
-                             hint="the labels do not belong to this model")
+        check_class_count(logits.shape[0], len(labels))
         # Network-input pixels → original pixels: divide by this scale and by the base resize.
         factor = tuple(size[a] / (height, width)[a] * base_factor[a] for a in range(2))
         whole = factor == (1.0, 1.0)  # not resized: keep whole-pixel geometry as ints, like one pass

@@ -35,6 +35,7 @@ from PIL import Image, ImageFilter
 from torch import nn
 
 from fcnify.errors import InputError
+from fcnify.introspect import placement
 
 __all__ = [
     "DISTANCE", "FLAT_FRACTION", "FOREGROUND_MODES", "SATURATION", "AxisTile", "ForegroundMask", "NetworkBounds",
@@ -104,8 +105,7 @@ def map_size(fcn: nn.Module, geometry, in_chans: int, size: tuple[int, int]) -> 
         return tuple(geometry.map_size(*size))
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    param = next(fcn.parameters(), None)
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    dtype = placement(fcn)[1]
     try:
         with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
             out = fcn(torch.empty(1, in_chans, *size, dtype=dtype))

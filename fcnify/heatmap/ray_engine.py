@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from fcnify.errors import FcnifyError, InputError
+from fcnify.errors import FcnifyError, InputError, first_line
 from fcnify.heatmap.local import run_paths
 from fcnify.heatmap.pipeline import HeatmapOptions, ImageJob, ModelInfo, resolve_classes
 from fcnify.heatmap.summary import (
@@ -133,7 +133,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None,
             ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", num_cpus=num_cpus,
                      num_gpus=num_gpus, **kwargs)
     except Exception as exc:
-        detail = (str(exc).splitlines() or [""])[0][:300]
+        detail = first_line(exc, 300)
         where = f"the Ray cluster at {address}" if address else "a local Ray"
         hint = ("check the address; a cluster with token authentication needs RAY_AUTH_MODE=token and its token "
                 "in RAY_AUTH_TOKEN (or ~/.ray/auth_token)") if address else "see Ray's logs in /tmp/ray"

@@ -11,7 +11,9 @@ from functools import cached_property
 
 import torch
 
-__all__ = ["ScoreMap"]
+from fcnify.errors import InputError
+
+__all__ = ["ScoreMap", "check_class_count"]
 
 
 @dataclass
@@ -74,3 +76,10 @@ class ScoreMap:
     def argmax_map(self) -> torch.Tensor:
         """h×w int64: the most probable class of each cell."""
         return self.logits.argmax(dim=0)
+
+
+def check_class_count(classes: int, labels: int) -> None:
+    """Raise ``InputError`` when a network's output has another number of classes than there are labels."""
+    if int(classes) != int(labels):
+        raise InputError(f"the network gives {classes} classes but there are {labels} labels",
+                         hint="the labels do not belong to this model")

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from fcnify.errors import InputError
+from fcnify.errors import InputError, first_line
 
 __all__ = [
     "ImageSource", "Level", "LevelView", "OpenSlideSource", "PillowSource", "TiffSource", "open_source",
@@ -55,10 +55,6 @@ _ASSOCIATED = frozenset(("thumbnail", "label", "macro", "overview", "map"))
 # Micrometres per unit of OME's PhysicalSize units (µm is OME's default).
 _OME_UNITS = {"µm": 1.0, "um": 1.0, "\u03bcm": 1.0, "micron": 1.0, "nm": 1e-3, "pm": 1e-6, "Å": 1e-4,
               "mm": 1e3, "cm": 1e4, "dm": 1e5, "m": 1e6}
-
-
-def _first_line(exc: BaseException, limit: int = 160) -> str:
-    return (str(exc).splitlines() or [""])[0][:limit]
 
 
 # ------------------------------------------------------------------------------------------------ sources
@@ -240,7 +236,7 @@ class TiffSource(ImageSource):
         except Exception as exc:  # tifffile raises TiffFileError, ValueError, struct.error… on damaged headers
             self.close()
             raise InputError(f"{self.path} is not a TIFF file tifffile can read ({type(exc).__name__}: "
-                             f"{_first_line(exc)})", hint=_DAMAGED_HINT) from exc
+                             f"{first_line(exc, 160)})", hint=_DAMAGED_HINT) from exc
         _logger.debug("%s: %s series %r, levels %s, mpp %s", self.path, series.kind, series.name,
                       _describe_levels(self), self.mpp)
 
@@ -262,7 +258,7 @@ class TiffSource(ImageSource):
         except Exception as exc:  # zarr, imagecodecs and tifffile errors on a truncated or corrupt tile
             ty, tx = self._failing_tile(level, y, x, h, w, exc)
             raise InputError(f"{self.path}: a tile at level {level}, y {ty}, x {tx} cannot be decoded "
-                             f"(truncated or corrupt file: {type(exc).__name__}: {_first_line(exc)})",
+                             f"(truncated or corrupt file: {type(exc).__name__}: {first_line(exc, 160)})",
                              hint=_DAMAGED_HINT) from exc
         return self._to_rgb(plan.arrange(data))
 
@@ -514,7 +510,7 @@ class OpenSlideSource(ImageSource):
                              hint="give a TIFF, SVS, OME-TIFF, PNG, JPEG or a format OpenSlide reads") from exc
         except Exception as exc:  # OpenSlideError: a damaged slide
             raise InputError(f"{self.path} cannot be opened by OpenSlide ({type(exc).__name__}: "
-                             f"{_first_line(exc)})", hint=_DAMAGED_HINT) from exc
+                             f"{first_line(exc, 160)})", hint=_DAMAGED_HINT) from exc
         self._error = openslide.OpenSlideError
         width0, height0 = self._slide.level_dimensions[0]
         self.levels = tuple(Level((int(h), int(w)), (height0 / h, width0 / w))
@@ -534,7 +530,7 @@ class OpenSlideSource(ImageSource):
             rgba = np.asarray(self._slide.read_region((round(x * ds), round(y * ds)), level, (w, h)))
         except self._error as exc:
             raise InputError(f"{self.path}: a tile at level {level} near y {y}, x {x} cannot be decoded "
-                             f"(truncated or corrupt file: {_first_line(exc)})", hint=_DAMAGED_HINT) from exc
+                             f"(truncated or corrupt file: {first_line(exc, 160)})", hint=_DAMAGED_HINT) from exc
         alpha = rgba[..., 3:4].astype(np.uint16)
         if bool((alpha == 255).all()):
             return np.ascontiguousarray(rgba[..., :3])
@@ -574,7 +570,7 @@ def _open_uri(uri: str):
     except InputError:
         raise
     except Exception as exc:  # pyarrow raises OSError, ArrowInvalid (ValueError), ArrowNotImplementedError…
-        raise InputError(f"cannot read {uri}: {type(exc).__name__}: {_first_line(exc, 200)}",
+        raise InputError(f"cannot read {uri}: {type(exc).__name__}: {first_line(exc, 200)}",
                          hint="check the URI and the credentials pyarrow uses for its filesystem") from exc
 
 
