@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fcnify._version import __version__
 from fcnify.atomic import atomic_output
 from fcnify.convert import FullyConvolutionalNet
 from fcnify.convert.geometry import Geometry
@@ -44,8 +45,6 @@ class ModelMetadata:
     normalisation: str = ""  # where mean/std came from (flag, metadata, zoo, assumed): said again on use
 
     def to_dict(self) -> dict:
-        from fcnify import __version__
-
         return {
             "input_size": list(self.input_size), "in_chans": self.in_chans, "mean": list(self.mean),
             "std": list(self.std), "labels": list(self.labels), "geometry": self.geometry.to_dict(),

@@ -33,7 +33,12 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from fcnify.convert.analysis import analyse
+from fcnify.convert.geometry import _is_opaque
+from fcnify.convert.network import FullyConvolutionalNet
 from fcnify.convert.ops import node_arg, op_name, pair
+from fcnify.convert.rules import Rewrite
+from fcnify.convert.trace import propagate_shapes, shape_of
 from fcnify.errors import ConversionError
 
 __all__ = ["DilatedAvgPool2d", "dilate", "shift_and_stitch"]
@@ -103,12 +108,6 @@ def dilate(fcn, output_stride: int):
         ConversionError: a stride that does not divide the native one, size-dependent padding, or a node the
             rewrite cannot keep exact (named, with the reason).
     """
-    from fcnify.convert import FullyConvolutionalNet
-    from fcnify.convert.analysis import analyse
-    from fcnify.convert.geometry import _is_opaque
-    from fcnify.convert.rules import Rewrite
-    from fcnify.convert.trace import propagate_shapes, shape_of
-
     geometry = fcn.geometry
     native = tuple(int(v) for v in geometry.stride)
     target = int(output_stride)
