@@ -18,7 +18,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from fcnify.errors import FcnifyError, InputError
+import torch
+
+from fcnify.dense import check_precision
+from fcnify.errors import ExportError, FcnifyError, InputError
+from fcnify.export import ModelMetadata, save_pt2
 from fcnify.heatmap.local import run_paths
 from fcnify.heatmap.pipeline import HeatmapOptions, ImageJob, ModelInfo, resolve_classes
 from fcnify.heatmap.summary import (
@@ -29,6 +33,7 @@ from fcnify.heatmap.summary import (
     summary_schema,
     table_to_rows,
 )
+from fcnify.models import load_model
 
 __all__ = ["RAY_HINT", "RayOptions", "ray_session", "require_ray", "run_ray"]
 
@@ -69,7 +74,7 @@ class RayOptions:
 
 
 def require_ray():
-    try:
+    try:  # lazy: Ray is optional, and only --engine ray needs it
         import ray
         import ray.data  # noqa: F401
     except ImportError as exc:
@@ -92,7 +97,7 @@ def _loopback_only() -> None:
     constant is set too in case ``ray`` was imported before.
     """
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    try:
+    try:  # lazy: Ray is optional
         from ray._private import ray_constants
 
         ray_constants.ENABLE_RAY_CLUSTER = False
@@ -147,8 +152,6 @@ def ray_session(address: str | None = None, num_cpus: int | None = None,
 def _ship_model(ray, fcn, loaded, model_file, workdir: Path) -> dict:
     """Put the network in the object store once, for every actor: the user's ``.pt2``/``.onnx`` bytes, else
     the converted network exported to ``.pt2``; a network torch.export cannot capture travels pickled."""
-    from fcnify.errors import ExportError
-
     if model_file is not None and Path(model_file).suffix in (".pt2", ".onnx"):
         path = Path(model_file)
         return {"kind": "file", "suffix": path.suffix, "ref": ray.put(path.read_bytes())}
@@ -156,8 +159,6 @@ def _ship_model(ray, fcn, loaded, model_file, workdir: Path) -> dict:
         path = Path(loaded.extra["path"])  # an .onnx loaded by load_onnx_model
         return {"kind": "file", "suffix": path.suffix, "ref": ray.put(path.read_bytes())}
     try:
-        from fcnify.export import ModelMetadata, save_pt2
-
         metadata = ModelMetadata(tuple(fcn.input_size), int(fcn.in_chans), tuple(loaded.mean), tuple(loaded.std),
                                  tuple(str(v) for v in loaded.labels), fcn.geometry, loaded.source,
                                  normalisation=getattr(loaded, "normalisation", None) or "")
@@ -173,12 +174,10 @@ class _Predictor:
 
     def __init__(self, model: dict, geometry, info: ModelInfo, options: HeatmapOptions, resume: bool,
                  trust_model: bool):
-        import ray
+        import ray  # lazy: Ray is optional (the actor runs where it is installed)
 
         data = ray.get(model["ref"]) if isinstance(model["ref"], ray.ObjectRef) else model["ref"]
         if model["kind"] == "file":
-            from fcnify.models import load_model
-
             # load_model takes a path: the bytes go to a private temp file, read once and removed.
             with tempfile.TemporaryDirectory(prefix="fcnify-model-") as tmp:
                 path = Path(tmp) / f"model{model['suffix']}"
@@ -212,10 +211,6 @@ def _cause(exc: BaseException) -> BaseException:
 
 def run_ray(paths, stems, fcn, geometry, loaded, info: ModelInfo, options, ray_options: RayOptions, resume,
              model_file, trust_model) -> JobResult:
-    import torch
-
-    from fcnify.dense import check_precision
-
     # What would fail in every actor fails here, once: an actor sees only the GPUs Ray gives it.
     if ray_options.gpus_per_worker == 0 and str(options.device).startswith("cuda"):
         raise InputError(f"--device {options.device} with --engine ray needs GPUs for the workers",
@@ -230,7 +225,7 @@ def run_ray(paths, stems, fcn, geometry, loaded, info: ModelInfo, options, ray_o
     need_cpus = max(1, math.ceil(ray_options.workers * ray_options.cpus_per_worker))
     with ray_session(ray_options.address, num_cpus=max(need_cpus, os.cpu_count() or 1)) as ray, \
             tempfile.TemporaryDirectory(prefix="fcnify-ray-") as tmp:
-        import ray.data
+        import ray.data  # lazy: Ray is optional
 
         model = _ship_model(ray, fcn, loaded, model_file, Path(tmp))
         items = [{"index": i, "path": p, "stem": s}
@@ -258,7 +253,7 @@ def run_ray(paths, stems, fcn, geometry, loaded, info: ModelInfo, options, ray_o
             clear_summary(summary_path)
             # Ray Data's own writer: a folder of Parquet files (one here, all rows being few and small).
             done.write_parquet(str(summary_path), min_rows_per_file=max(1, len(items)))
-            import pyarrow as pa
+            import pyarrow as pa  # lazy: heavy (see summary.py)
 
             table = pa.concat_tables(ray.get(done.to_arrow_refs())) if items else summary_schema().empty_table()
         except FcnifyError:

@@ -29,8 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+import tifffile
+import zarr
+from PIL import Image, UnidentifiedImageError
 
+from fcnify import images
 from fcnify.errors import InputError
 
 __all__ = [
@@ -150,8 +153,6 @@ class PillowSource(ImageSource):
     whole = True
 
     def __init__(self, path: str, max_pixels: int | None = None):
-        from fcnify import images
-
         self.path = str(path)
         if "://" in self.path:
             with _open_uri(self.path) as f:
@@ -198,9 +199,6 @@ class TiffSource(ImageSource):
     whole = False
 
     def __init__(self, path: str):
-        import tifffile
-        import zarr
-
         self.path = str(path)
         self._handle = None
         self._tif = None
@@ -247,8 +245,6 @@ class TiffSource(ImageSource):
     def _check_photometric(self, photometric: int) -> None:
         # 0 min-is-white, 1 min-is-black, 2 RGB, 3 palette, 6 YCbCr (JPEG tiles are decoded to RGB by tifffile)
         if photometric not in (0, 1, 2, 3, 6):
-            import tifffile
-
             name = tifffile.PHOTOMETRIC(photometric).name if photometric in tifffile.PHOTOMETRIC._value2member_map_ \
                 else str(photometric)
             raise InputError(f"{self.path} has {name} colours, which fcnify cannot convert to RGB",
@@ -561,7 +557,7 @@ def _import_openslide(path: str):
 
 def _open_uri(uri: str):
     """A random-access file (pyarrow) for a URI any pyarrow filesystem reads (s3://, gs://, file://…)."""
-    import pyarrow.fs
+    import pyarrow.fs  # lazy: heavy, and only URIs need it
 
     try:
         fs, inner = pyarrow.fs.FileSystem.from_uri(uri)
@@ -593,10 +589,6 @@ def _suffix(path: str) -> str:
 
 def _pillow_identifies(path: str) -> bool:
     """Whether Pillow recognises the file (header only; the real decode and its checks come later)."""
-    from PIL import UnidentifiedImageError
-
-    from fcnify import images
-
     # Pillow's pixel limit is a global: lift it only under images' lock, so that identifying a large image
     # neither fails here nor disturbs another thread's decode
     with images._PIL_LOCK:
