@@ -21,8 +21,8 @@ from torch import nn
 
 from fcnify._version import __version__
 from fcnify.atomic import atomic_output
-from fcnify.convert import FullyConvolutionalNet
 from fcnify.convert.geometry import Geometry
+from fcnify.convert.network import FullyConvolutionalNet
 from fcnify.errors import ExportError, ModelLoadError, UnsafeModelError
 
 _logger = logging.getLogger(__name__)

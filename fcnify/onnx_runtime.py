@@ -41,6 +41,7 @@ def one_line_cause(exc: BaseException, limit: int = 300) -> str:
 
 
 def require_package(module: str, purpose: str, error=ExportError):
+    """``module`` imported, or ``error`` saying what it is needed for (with the ``pip install`` hint)."""
     try:
         return __import__(module)
     except ImportError as exc:
@@ -57,7 +58,7 @@ def read_metadata(props: dict[str, str]) -> ModelMetadata | None:
 
 
 def _providers(device: str | None = None) -> list[str]:
-    import onnxruntime as ort  # lazy: only ONNX files need the runtime
+    import onnxruntime as ort  # lazy: heavy, and only ONNX files need it
 
     available = ort.get_available_providers()
     if device == "cpu":
@@ -68,7 +69,7 @@ def _providers(device: str | None = None) -> list[str]:
 
 
 def _session(source: str | os.PathLike | bytes, providers: list[str]):
-    import onnxruntime as ort  # lazy: only ONNX files need the runtime
+    import onnxruntime as ort  # lazy: heavy, and only ONNX files need it
 
     options = ort.SessionOptions()
     options.log_severity_level = 3

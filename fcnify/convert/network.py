@@ -1,7 +1,7 @@
 """``FullyConvolutionalNet``: what ``convert`` returns, a rewritten graph and the geometry of its map.
 
-Its own module so that what uses a converted network (dilation, export, verification) does not import
-the conversion that makes one.
+Its own module: what only uses a converted network (``dilate``, ``export``) need not import the conversion
+that makes one.
 """
 
 from __future__ import annotations
