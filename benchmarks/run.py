@@ -220,7 +220,8 @@ def bench_onnx(cfg, report: list[str], results: dict, threads: int) -> None:
         return
     try:
         from fcnify.export import ModelMetadata
-        from fcnify.onnx_export import OnnxNet, export_onnx
+        from fcnify.onnx_export import export_onnx
+        from fcnify.onnx_runtime import OnnxNet
     except Exception as exc:  # pragma: no cover - optional dependency
         report += [f"Skipped: {type(exc).__name__}: {exc}", ""]
         return

@@ -8,9 +8,9 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from fcnify._version import __version__
 from fcnify.convert import FullyConvolutionalNet, Geometry, convert
+from fcnify.dense import score_map
 from fcnify.errors import (
     ConversionError,
     ExportError,
@@ -21,7 +21,11 @@ from fcnify.errors import (
     OutputError,
     UnsafeModelError,
 )
-from fcnify.models import LoadedModel, load_model
+from fcnify.export import save_pt2
+from fcnify.heatmap.render import overlay as render_heatmap
+from fcnify.loaded import LoadedModel
+from fcnify.models import load_model
+from fcnify.onnx_export import export_onnx
 from fcnify.verify import EquivalenceReport, verify
 
 __all__ = [
@@ -29,24 +33,3 @@ __all__ = [
     "InputError", "LoadedModel", "ModelLoadError", "NotEquivalentError", "OutputError", "UnsafeModelError",
     "__version__", "convert", "export_onnx", "load_model", "render_heatmap", "save_pt2", "score_map", "verify",
 ]
-
-
-def __getattr__(name: str):
-    # Heavier capabilities load on first use so `import fcnify` stays quick.
-    if name == "save_pt2":
-        from fcnify.export import save_pt2
-
-        return save_pt2
-    if name == "export_onnx":
-        from fcnify.onnx_export import export_onnx
-
-        return export_onnx
-    if name == "score_map":
-        from fcnify.dense import score_map
-
-        return score_map
-    if name == "render_heatmap":
-        from fcnify.heatmap.render import overlay
-
-        return overlay
-    raise AttributeError(f"module 'fcnify' has no attribute {name!r}")

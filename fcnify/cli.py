@@ -2,7 +2,8 @@
 
 Core modules raise ``FcnifyError``; this module turns each into one red line on stderr (what went wrong,
 and the hint) and the error's exit code — never a traceback. Exit codes: 0 ok, 1 bad input or usage,
-2 command-line syntax (Typer), 3 not equivalent, 4 model cannot be converted or exported.
+2 command-line syntax (Typer), 3 not equivalent, 4 model cannot be converted or exported, 70 an internal
+error (any exception fcnify does not mean to raise: one "please report" line, the traceback under --verbose).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ Every error carries a ``hint``: what the user can do about it.
 
 from __future__ import annotations
 
-__all__ = ["ConversionError", "ExportError", "FcnifyError", "InputError", "InternalError", "MissingDependencyError",
+__all__ = ["ConversionError", "EngineError", "ExportError", "FcnifyError", "InputError", "InternalError", "MissingDependencyError",
            "ModelLoadError", "NotEquivalentError", "OutputError", "UnsafeModelError", "describe", "first_line"]
 
 
@@ -67,6 +67,12 @@ class OutputError(FcnifyError):
 
 class MissingDependencyError(FcnifyError):
     """An optional package a feature needs is not installed (the hint names the ``pip install``)."""
+
+    exit_code = 1
+
+
+class EngineError(FcnifyError):
+    """The distributed engine failed as a whole (Ray could not start or join, or its job failed)."""
 
     exit_code = 1
 

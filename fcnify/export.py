@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fcnify._version import __version__
 from fcnify.atomic import atomic_output
-from fcnify.convert import FullyConvolutionalNet
 from fcnify.convert.geometry import Geometry
+from fcnify.convert.network import FullyConvolutionalNet
 from fcnify.errors import ExportError, ModelLoadError, UnsafeModelError, first_line
 from fcnify.introspect import placement
 
@@ -46,8 +47,6 @@ class ModelMetadata:
     normalisation: str = ""  # where mean/std came from (flag, metadata, zoo, assumed): said again on use
 
     def to_dict(self) -> dict:
-        from fcnify import __version__
-
         return {
             "input_size": list(self.input_size), "in_chans": self.in_chans, "mean": list(self.mean),
             "std": list(self.std), "labels": list(self.labels), "geometry": self.geometry.to_dict(),
@@ -116,7 +115,7 @@ def _metadata_problem(data) -> str | None:
     if any(v <= 0 for v in data["std"]):
         return "std has a value ≤ 0"
     labels = data["labels"]
-    if not (isinstance(labels, list) and labels and all(isinstance(v, str) for v in labels)):
+    if not (isinstance(labels, list) and all(isinstance(v, str) for v in labels)):  # [] when unknown
         return "labels is not a list of names"
     geometry = data["geometry"]
     if not isinstance(geometry, dict):

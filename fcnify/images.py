@@ -147,7 +147,7 @@ def _open_and_load(source, path, limit: int) -> Image.Image:
 
 def fetch_uri(uri: str) -> bytes:
     """The bytes of a file any pyarrow filesystem reads (``s3://``, ``gs://``, ``hdfs://``, ``file://``…)."""
-    import pyarrow.fs
+    import pyarrow.fs  # lazy: heavy, and only URIs need it
 
     try:
         fs, inner = pyarrow.fs.FileSystem.from_uri(uri)

@@ -52,7 +52,7 @@ def read_manifest(path: str | os.PathLike) -> list[str]:
         entries = [line.strip() for line in manifest.read_text().splitlines()]
         entries = [e for e in entries if e and not e.startswith("#")]
     elif suffix in (".csv", ".parquet"):
-        import pyarrow.csv
+        import pyarrow.csv  # lazy: heavy, and only these manifests need it
         import pyarrow.parquet
 
         try:

@@ -15,73 +15,35 @@ import importlib.util
 import json
 import logging
 import os
-import re
+import socket
 import sys
+import threading
 import warnings
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
+from fcnify import zoo
+from fcnify.convert import parse_input_size
+from fcnify.convert.from_export import exported_classes, exported_input_shape, rebuild_modules
 from fcnify.errors import InputError, ModelLoadError, UnsafeModelError, describe, first_line
+from fcnify.export import load_pt2
 from fcnify.introspect import input_channels
+from fcnify.loaded import ASSUMED, FROM_FLAG, FROM_METADATA, FROM_ZOO, LoadedModel
+from fcnify.onnx_runtime import load_onnx_model
+from fcnify.optional import require
 
 _logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# Where mean/std came from (``LoadedModel.normalisation``): fcnify says so when it had to assume them.
-FROM_FLAG, FROM_METADATA, FROM_ZOO, ASSUMED = "flag", "metadata", "zoo", "assumed (ImageNet)"
 STATE_DICT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 
 
-@dataclass
-class LoadedModel:
-    """A classifier and what fcnify needs to know about it.
-
-    Attributes:
-        module: the classifier (eval mode), or the converted network when ``converted`` is set.
-        input_size: training size (height, width), or None when unknown.
-        in_chans: input channels.
-        mean, std: per-channel normalisation of 0–1 pixel values.
-        labels: class names (``"0"``, ``"1"``, … when unknown).
-        source: the spec it came from.
-        converted: the network is already fully convolutional (a ``.pt2``), with ``geometry`` set.
-        normalisation: where ``mean``/``std`` came from: ``flag``, ``metadata``, ``zoo`` or
-            ``assumed (ImageNet)`` (nothing said how the model was trained).
-        extra: facts of the loader (``path``: the file the weights or model came from).
-    """
-
-    module: nn.Module
-    input_size: tuple[int, int] | None
-    in_chans: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    labels: tuple[str, ...]
-    source: str
-    converted: bool = False
-    geometry: object | None = None
-    extra: dict = field(default_factory=dict)
-    normalisation: str | None = None
-
-    @property
-    def name(self) -> str:
-        """A safe file name stem: the input file's (``sd.pth`` → ``sd``), else the spec's model name."""
-        base = self.extra.get("path") or self.source.split(":", 1)[-1]
-        stem = Path(base).name.split(".")[0] if base else ""
-        return re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_") or "model"
-
-    @property
-    def preprocessing(self) -> dict:
-        """The normalisation the images get, and where it came from (recorded in every output)."""
-        return {"mean": [float(v) for v in self.mean], "std": [float(v) for v in self.std],
-                "source": self.normalisation}
-
-    @property
-    def assumed_normalisation(self) -> bool:
-        return self.normalisation == ASSUMED
 
 
 def _default_labels(module: nn.Module, count: int | None = None) -> tuple[str, ...]:
@@ -96,7 +58,7 @@ def _default_labels(module: nn.Module, count: int | None = None) -> tuple[str, .
 
 
 def _torchvision(name: str, weights: str) -> LoadedModel:
-    import torchvision.models as tvm
+    import torchvision.models as tvm  # lazy: heavy (about a second), only torchvision: specs need it
 
     available = tvm.list_models(module=tvm)
     if name not in available:
@@ -142,11 +104,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     Offline, huggingface_hub retries each request with back-off for most of a minute before it reads its
     cache; in offline mode it reads the cache at once (cached weights still load) or fails at once.
     """
-    import socket
-    import threading
-    from urllib.parse import urlparse
-
-    try:
+    try:  # lazy: the hub client comes with timm, which is optional
         import huggingface_hub.constants as hub
     except ImportError:  # timm without the hub client: nothing to switch
         return True
@@ -174,10 +132,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def _timm(name: str, weights: str) -> LoadedModel:
-    try:
-        import timm
-    except ImportError as exc:
-        raise ModelLoadError("timm is not installed", hint="pip install 'fcnify[timm]'") from exc
+    timm = require("timm", "timm", f"load timm:{name}")  # optional, imported only for timm models
     if name not in timm.list_models() and name.split(".")[0] not in timm.list_models():
         close = difflib.get_close_matches(name, timm.list_models(), n=3)
         raise ModelLoadError(f"timm has no model '{name}'",
@@ -196,7 +151,7 @@ def _timm(name: str, weights: str) -> LoadedModel:
     in_chans, h, w = cfg.get("input_size", (3, None, None))
     labels = None
     try:
-        from timm.data import ImageNetInfo, infer_imagenet_subset
+        from timm.data import ImageNetInfo, infer_imagenet_subset  # lazy: timm is optional
 
         subset = infer_imagenet_subset(module)
         if subset:
@@ -287,8 +242,6 @@ def _build_arch(arch: str) -> LoadedModel:
     if arch.startswith("timm:"):
         return _timm(arch.split(":", 1)[1], "none")
     if arch == "digits":
-        from fcnify import zoo
-
         return _digits_loaded(zoo.DigitsNet())
     location, _, factory = arch.rpartition(":")
     if not location or not factory.isidentifier():
@@ -313,8 +266,6 @@ def _build_arch(arch: str) -> LoadedModel:
 def _read_state_dict(path: Path) -> tuple[dict, dict]:
     """A state_dict (and safetensors metadata) from a file, without running code from it."""
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
         try:
             with safe_open(str(path), framework="pt") as f:
                 return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
@@ -464,8 +415,6 @@ def _torchscript(path: Path) -> LoadedModel:
 
 
 def _digits_loaded(module: nn.Module) -> LoadedModel:
-    from fcnify import zoo
-
     meta = zoo.DIGITS_META
     return LoadedModel(module.eval(), tuple(meta["input_size"]), int(meta["in_chans"]), tuple(meta["mean"]),
                        tuple(meta["std"]), tuple(meta["labels"]), "digits", normalisation=FROM_ZOO)
@@ -482,13 +431,9 @@ def load_model(spec: str | None = "digits", weights: str = "default", arch: str 
         input_size: overrides the training size (int, "HxW" or (h, w)).
         trust_model: allow pickled modules, TorchScript and unchecked ``.pt2`` (they can run code).
     """
-    from fcnify.convert import parse_input_size
-
     spec = spec or "digits"
     weights = weights or "default"
     if spec == "digits":
-        from fcnify import zoo
-
         loaded = _digits_loaded(zoo.load_digits_model())
     elif spec.startswith("torchvision:") or spec.startswith("timm:"):
         kind, name = spec.split(":", 1)
@@ -500,8 +445,6 @@ def load_model(spec: str | None = "digits", weights: str = "default", arch: str 
     else:
         path = _existing(Path(spec))
         if path.suffix == ".pt2":
-            from fcnify.export import load_pt2
-
             module, meta = load_pt2(path, trust_model=trust_model)
             if meta is None:  # the user's own torch.export archive of a classifier: convert it like a module
                 loaded = _exported_classifier(module, path)
@@ -510,8 +453,6 @@ def load_model(spec: str | None = "digits", weights: str = "default", arch: str 
                                      meta.source or str(path), converted=True, geometry=meta.geometry,
                                      normalisation=meta.normalisation or FROM_METADATA)
         elif path.suffix == ".onnx":
-            from fcnify.onnx_export import load_onnx_model
-
             loaded = load_onnx_model(path)
         elif arch:
             loaded = _load_weights_into(_build_arch(arch), path)
@@ -535,8 +476,6 @@ def load_model(spec: str | None = "digits", weights: str = "default", arch: str 
 
 def _exported_classifier(graph_module: nn.Module, path: Path) -> LoadedModel:
     """A classifier saved with ``torch.export.save``: its ATen graph rebuilt with modules, sized from its input."""
-    from fcnify.convert.from_export import exported_classes, exported_input_shape, rebuild_modules
-
     channels, height, width = exported_input_shape(graph_module) or (None, None, None)
     loaded = _user_model(rebuild_modules(graph_module), str(path), path, channels)
     classes = exported_classes(graph_module)

@@ -12,8 +12,8 @@ the file unless
 
 The metadata travels in the model's ``metadata_props`` as JSON strings (``input_size``, ``in_chans``,
 ``geometry``, ``mean``, ``std``, ``labels``, ``source``, and ``fcnify``: the whole ``ModelMetadata``), so
-the file can be used with onnxruntime alone. ``OnnxNet`` runs such a file in place of the PyTorch network;
-``load_onnx_model`` turns one into a ``LoadedModel``.
+the file can be used with onnxruntime alone. Running such a file (``OnnxNet``, ``load_onnx_model``) is
+``onnx_runtime``'s.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import re
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -33,11 +34,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fcnify.convert import FullyConvolutionalNet
+from fcnify.convert import FullyConvolutionalNet, convert
 from fcnify.convert.geometry import Geometry
 from fcnify.errors import ExportError, ModelLoadError, NotEquivalentError
 from fcnify.export import ModelMetadata, atomic_output, export_program
 from fcnify.introspect import placement
+from fcnify.onnx_runtime import METADATA_KEY, OnnxNet, one_line_cause
+from fcnify.optional import require
 
 _logger = logging.getLogger(__name__)
 
@@ -45,7 +48,6 @@ DEFAULT_OPSET = 18
 ONNX_RTOL = 1e-4
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
-METADATA_KEY = "fcnify"
 _DIM_NAMES = ("batch", "height", "width")
 _GLOBAL_POOLS = {"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"}
 _REDUCES = {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL1", "ReduceL2", "ReduceLogSum",
@@ -117,30 +119,6 @@ class OnnxReport:
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    """The innermost cause of an exception chain, as ``Type: first line``."""
-    seen, inner = set(), exc
-    while (inner.__cause__ is not None or inner.__context__ is not None) and id(inner) not in seen:
-        seen.add(id(inner))
-        nxt = inner.__cause__ or inner.__context__
-        if nxt is None:
-            break
-        inner = nxt
-    text = str(inner)
-    summary = re.search(r"DispatchError'>: (.+)", text) or re.search(r"Exception summary\s+<class '[^']+'>: (.+)", text)
-    line = summary.group(1) if summary else (text.strip().splitlines() or [""])[0]
-    line = re.sub(r"\x1b\[[0-9;]*m", "", line)
-    return f"{type(inner).__name__}: {line[:limit]}"
-
-
-def _require(module: str, purpose: str, error=ExportError):
-    try:
-        return __import__(module)
-    except ImportError as exc:
-        raise error(f"{module} is not installed: it is needed to {purpose}",
-                    hint=f"pip install {module}") from exc
-
-
 def check_sizes(input_size: tuple[int, int], stride: tuple[int, int]) -> list[tuple[int, int]]:
     """The sizes an export is checked at: the training size, a larger non-square one, and one larger by a
     number of pixels that is not a whole number of strides (so the map's last cell does not reach the border)."""
@@ -156,18 +134,6 @@ def _metadata_props(metadata: ModelMetadata) -> dict[str, str]:
     props["fcnify_version"] = json.dumps(data["fcnify_version"])
     props[METADATA_KEY] = json.dumps(data)
     return props
-
-
-def read_metadata(props: dict[str, str], where: str = "the ONNX file") -> ModelMetadata | None:
-    """The ``ModelMetadata`` in a model's ``metadata_props`` (as a dict), or None when there is none.
-
-    Raises:
-        ModelLoadError: metadata that is not JSON or has missing or wrong fields.
-    """
-    raw = props.get(METADATA_KEY)
-    if not raw:
-        return None
-    return ModelMetadata.parse(raw, where)
 
 
 def _opset(model) -> int:
@@ -207,8 +173,6 @@ def _export_dynamo(fcn: FullyConvolutionalNet, opset: int, notes: list[str]):
 @contextlib.contextmanager
 def _quiet_fds():
     """Silence file descriptors 1 and 2: the TorchScript exporter's C++ log prints the graph on failure."""
-    import sys
-
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
@@ -233,7 +197,7 @@ def _quiet_fds():
 
 
 def _export_torchscript(fcn: FullyConvolutionalNet, opset: int):
-    import onnx
+    import onnx  # lazy: heavy (about half a second), and only ONNX files need it
 
     (h, w), (sy, sx) = fcn.input_size, fcn.geometry.stride
     example = torch.zeros(2, fcn.in_chans, h + 2 * sy + 1, w + 2 * sx + 1, device=placement(fcn)[0])
@@ -249,9 +213,9 @@ def _export_torchscript(fcn: FullyConvolutionalNet, opset: int):
 
 def _export(fcn: FullyConvolutionalNet, opset: int | None) -> tuple[object, str, list[str]]:
     """The ONNX ModelProto, the exporter used and notes; ExportError naming the cause in one line."""
-    _require("onnx", "write ONNX files")
+    require("onnx", None, "write ONNX files")
     try:
-        import onnxscript  # noqa: F401  (the dynamo exporter's op library)
+        import onnxscript  # noqa: F401  (probed: the dynamo exporter's op library; without it, TorchScript's)
     except ImportError:
         onnxscript_missing = True
     else:
@@ -267,7 +231,7 @@ def _export(fcn: FullyConvolutionalNet, opset: int | None) -> tuple[object, str,
         except ExportError as exc:
             dynamo_error = exc.message
         except Exception as exc:  # the exporter's own errors (an op without an ONNX function, …)
-            dynamo_error = _one_line(exc)
+            dynamo_error = one_line_cause(exc)
     notes.append(f"the dynamo exporter failed ({dynamo_error}); used the TorchScript exporter")
     try:
         return _export_torchscript(fcn, opset), "torchscript", notes
@@ -275,7 +239,7 @@ def _export(fcn: FullyConvolutionalNet, opset: int | None) -> tuple[object, str,
         hint = ("pip install onnxscript" if onnxscript_missing else
                 "replace the op with ones ONNX has, or use the .pt2 export (fcnify convert -o model.pt2)")
         raise ExportError(f"cannot export to ONNX: {dynamo_error}; the TorchScript exporter also failed: "
-                          f"{_one_line(exc, 200)}", hint=hint) from exc
+                          f"{one_line_cause(exc, 200)}", hint=hint) from exc
 
 
 # ------------------------------------------------------------------------------------------- graph checks
@@ -288,7 +252,7 @@ def _shape(info) -> list | None:
 
 
 def _constants(model) -> dict[str, list[int]]:
-    from onnx import numpy_helper
+    from onnx import numpy_helper  # lazy: heavy, only ONNX files need it
 
     values = {}
     for init in model.graph.initializer:
@@ -312,7 +276,7 @@ def size_problems(model, geometry: Geometry | None = None) -> list[str]:
     spatial dims); no global pooling unless the geometry records global context (squeeze-excitation); every
     op is a standard ONNX op.
     """
-    import onnx
+    import onnx  # lazy: heavy, only ONNX files need it
 
     problems: list[str] = []
     graph = model.graph
@@ -368,129 +332,6 @@ def size_problems(model, geometry: Geometry | None = None) -> list[str]:
     return list(dict.fromkeys(problems))
 
 
-# ------------------------------------------------------------------------------------------------ runtime
-
-
-def _providers(device: str | None = None) -> list[str]:
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    if device == "cpu":
-        return ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" in available and (device is None or str(device).startswith("cuda")):
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
-
-
-def _session(source: str | os.PathLike | bytes, providers: list[str]):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    # The CPU arena keeps every buffer it ever grew to: with tiles of several sizes it held ~1.3 GB more than
-    # the network needs (measured: 8000² slide, digits model, peak RSS 3.3 GB with it, 1.8 GB without, same
-    # speed). Without it, buffers go back to the allocator after each run.
-    options.enable_cpu_mem_arena = False
-    data = source if isinstance(source, bytes) else str(source)
-    return ort.InferenceSession(data, sess_options=options, providers=providers)
-
-
-class OnnxNet(nn.Module):
-    """An ``.onnx`` network run by onnxruntime, usable in place of the PyTorch ``FullyConvolutionalNet``.
-
-    ``net(x)`` maps an N×C×H×W tensor to N×K×h×w logits, returned on ``x``'s device and in its dtype (the
-    graph runs in float32). CUDA is used when onnxruntime has the CUDAExecutionProvider, else the CPU.
-    ``.to()``, ``.cuda()``, ``.double()`` and ``.eval()`` do nothing: the runtime owns device and dtype.
-
-    Attributes:
-        metadata: the fcnify ``ModelMetadata`` in the file (None for a foreign file).
-        geometry, input_size, in_chans, labels: from the metadata.
-        providers: the execution providers of the session.
-    """
-
-    #: Shapes cannot be worked out with fake tensors: they come from the geometry.
-    runs_outside_torch = True
-
-    def __init__(self, source: str | os.PathLike | bytes, device: str | None = None,
-                 metadata: ModelMetadata | None = None, session=None):
-        super().__init__()
-        self._source = source if isinstance(source, bytes) else str(source)
-        self._device = device
-        self.session = session if session is not None else _session(self._source, _providers(device))
-        if metadata is None:
-            metadata = read_metadata(self.session.get_modelmeta().custom_metadata_map)
-        self.metadata = metadata
-        self.geometry = metadata.geometry if metadata else None
-        self.input_size = tuple(metadata.input_size) if metadata else None
-        self.in_chans = metadata.in_chans if metadata else self.session.get_inputs()[0].shape[1]
-        self.labels = tuple(metadata.labels) if metadata else ()
-        self.input_name = self.session.get_inputs()[0].name
-        self.output_name = self.session.get_outputs()[0].name
-
-    @property
-    def providers(self) -> list[str]:
-        return list(self.session.get_providers())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        array = x.detach().to("cpu", torch.float32).contiguous().numpy()
-        out = self.session.run([self.output_name], {self.input_name: array})[0]
-        dtype = x.dtype if x.is_floating_point() else torch.float32
-        return torch.from_numpy(out).to(device=x.device, dtype=dtype)
-
-    def output_size(self, height: int, width: int) -> tuple[int, int]:
-        """The score map's size for an input of ``height`` × ``width`` (``Geometry.map_size``)."""
-        return self.geometry.map_size(height, width)
-
-    def to(self, *args, **kwargs) -> OnnxNet:  # noqa: D102 - device and dtype belong to the runtime
-        return self
-
-    def _apply(self, fn, recurse=True):
-        return self
-
-    def __deepcopy__(self, memo) -> OnnxNet:
-        # An InferenceSession cannot be copied; the network is immutable, so a copy may share it.
-        clone = OnnxNet.__new__(OnnxNet)
-        nn.Module.__init__(clone)
-        for key, value in self.__dict__.items():
-            if key not in ("_parameters", "_buffers", "_modules", "training"):
-                object.__setattr__(clone, key, value if key == "session" else copy.deepcopy(value, memo))
-        clone.training = self.training
-        return clone
-
-    def extra_repr(self) -> str:
-        source = "<bytes>" if isinstance(self._source, bytes) else self._source
-        return f"{source}, providers={self.providers}"
-
-
-def load_onnx_model(path: str | os.PathLike, device: str | None = None):
-    """A ``LoadedModel`` (``converted=True``) that runs an fcnify ``.onnx`` with onnxruntime.
-
-    Raises:
-        ModelLoadError: the file is missing, not an ONNX model, or has no fcnify metadata.
-    """
-    from fcnify.models import LoadedModel
-
-    path = Path(path)
-    _require("onnxruntime", "run ONNX files", ModelLoadError)
-    if not path.is_file():
-        raise ModelLoadError(f"no such ONNX file: {path}", hint="check the path")
-    try:
-        session = _session(path, _providers(device))
-    except Exception as exc:
-        raise ModelLoadError(f"{path} is not an ONNX model onnxruntime can load: {_one_line(exc, 200)}",
-                             hint="export it with 'fcnify convert MODEL -o model.onnx'") from exc
-    props = session.get_modelmeta().custom_metadata_map
-    metadata = read_metadata(props, str(path))
-    if metadata is None:
-        raise ModelLoadError(f"{path} is an ONNX model without fcnify metadata (no '{METADATA_KEY}' in metadata_props)",
-                             hint="fcnify needs its geometry and labels: export it with 'fcnify convert MODEL -o model.onnx'")
-    net = OnnxNet(path, device=device, metadata=metadata, session=session)
-    return LoadedModel(net, tuple(metadata.input_size), metadata.in_chans, tuple(metadata.mean), tuple(metadata.std),
-                       tuple(metadata.labels), metadata.source or str(path), converted=True,
-                       geometry=metadata.geometry, normalisation=metadata.normalisation or "metadata",
-                       extra={"format": "onnx", "path": str(path), "providers": net.providers})
-
-
 # -------------------------------------------------------------------------------------------- verification
 
 
@@ -507,8 +348,6 @@ def _reference(fcn_or_module: nn.Module, metadata: ModelMetadata | None) -> nn.M
         out = module(probe)
     if out.dim() == 4:
         return module
-    from fcnify.convert import convert
-
     return convert(module, metadata.input_size, metadata.in_chans)
 
 
@@ -574,8 +413,8 @@ def export_onnx(fcn: FullyConvolutionalNet, metadata: ModelMetadata, path: str |
             model the ONNX checker rejects.
         NotEquivalentError: onnxruntime disagrees with PyTorch at a size (the size and error are named).
     """
-    onnx = _require("onnx", "write ONNX files")
-    _require("onnxruntime", "check the exported file")
+    onnx = require("onnx", None, "write ONNX files")
+    require("onnxruntime", None, "check the exported file")
     path = Path(path)
     if placement(fcn)[1] != torch.float32:
         fcn = copy.deepcopy(fcn).float()  # the file is float32; the caller's network is left as it is
@@ -597,13 +436,13 @@ def export_onnx(fcn: FullyConvolutionalNet, metadata: ModelMetadata, path: str |
         try:
             onnx.save_model(model, str(tmp))
         except (ValueError, OSError) as exc:
-            raise ExportError(f"cannot write the ONNX model: {_one_line(exc)}",
+            raise ExportError(f"cannot write the ONNX model: {one_line_cause(exc)}",
                               hint="models over 2 GB need external data, which fcnify does not write") from exc
         started = time.perf_counter()
         try:
             onnx.checker.check_model(str(tmp), full_check=True)
         except Exception as exc:
-            raise ExportError(f"the exported model fails the ONNX checker: {_one_line(exc)}",
+            raise ExportError(f"the exported model fails the ONNX checker: {one_line_cause(exc)}",
                               hint="please report it with the model") from exc
         try:
             checks = verify_onnx(tmp, fcn, sizes or check_sizes(fcn.input_size, fcn.geometry.stride))
@@ -611,7 +450,7 @@ def export_onnx(fcn: FullyConvolutionalNet, metadata: ModelMetadata, path: str |
             raise ExportError(f"onnxruntime cannot run the exported model: {exc.message}",
                               hint="please report it with the model") from exc
         except Exception as exc:
-            raise ExportError(f"onnxruntime cannot run the exported model: {_one_line(exc)}",
+            raise ExportError(f"onnxruntime cannot run the exported model: {one_line_cause(exc)}",
                               hint="the graph uses an op onnxruntime does not implement on this machine") from exc
         for check in checks:
             if not check.passed:
@@ -626,7 +465,4 @@ def export_onnx(fcn: FullyConvolutionalNet, metadata: ModelMetadata, path: str |
                       ["CPUExecutionProvider"], notes)
 
 
-__all__ = [
-    "OnnxAgreement", "OnnxNet", "OnnxReport", "check_sizes", "export_onnx", "load_onnx_model", "read_metadata",
-    "size_problems", "verify_onnx",
-]
+__all__ = ["OnnxAgreement", "OnnxReport", "check_sizes", "export_onnx", "size_problems", "verify_onnx"]

@@ -19,7 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fcnify.cli import app
-from fcnify.errors import FcnifyError, InputError
+from fcnify.errors import InputError, MissingDependencyError
 from fcnify.heatmap.pipeline import HeatmapOptions, ImageJob, expected_outputs, run_image
 from fcnify.heatmap.ray_engine import RayOptions
 from fcnify.heatmap.runners import run_job
@@ -237,11 +237,11 @@ def test_missing_ray_says_how_to_install_it(monkeypatch, scenes, tmp_path):
     result = runner.invoke(app, ["heatmap", str(scenes), "-o", str(tmp_path / "o"), "--engine", "ray"])
     assert result.exit_code == 1
     assert "pip install 'fcnify[ray]'" in result.stderr
-    with pytest.raises(FcnifyError) as info:
+    with pytest.raises(MissingDependencyError) as info:
         from fcnify.heatmap.ray_engine import require_ray
 
         require_ray()
-    assert info.value.hint == "pip install 'fcnify[ray]'"
+    assert info.value.hint == "pip install 'fcnify[ray]'" and info.value.exit_code == 1
     assert not (tmp_path / "o").exists()  # refused before any work
 
 

@@ -16,15 +16,8 @@ from fcnify.convert import FullyConvolutionalNet, convert
 from fcnify.convert.geometry import Geometry
 from fcnify.errors import ExportError, ModelLoadError, NotEquivalentError, OutputError
 from fcnify.export import ModelMetadata
-from fcnify.onnx_export import (
-    OnnxNet,
-    check_sizes,
-    export_onnx,
-    load_onnx_model,
-    read_metadata,
-    size_problems,
-    verify_onnx,
-)
+from fcnify.onnx_export import check_sizes, export_onnx, size_problems, verify_onnx
+from fcnify.onnx_runtime import OnnxNet, load_onnx_model, read_metadata
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 

@@ -12,7 +12,7 @@ import slides
 import tifffile
 from PIL import Image
 
-from fcnify.errors import InputError
+from fcnify.errors import InputError, MissingDependencyError
 from fcnify.heatmap.sources import (
     Level,
     LevelView,
@@ -247,7 +247,7 @@ def test_unknown_format_without_openslide_names_the_extra(tmp_path, monkeypatch)
     assert "fcnify[openslide]" in caught.value.hint
     mrxs = tmp_path / "slide.mrxs"
     mrxs.write_bytes(b"[GENERAL]\n")
-    with pytest.raises(InputError) as caught:
+    with pytest.raises(MissingDependencyError) as caught:
         open_source(str(mrxs))
     assert "fcnify[openslide]" in caught.value.hint
 

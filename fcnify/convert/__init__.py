@@ -15,7 +15,10 @@ import torch.fx
 from torch import nn
 
 from fcnify.convert.analysis import Analysis, Kind, analyse
+from fcnify.convert.from_export import from_torchscript
 from fcnify.convert.geometry import Geometry, compute_geometry
+from fcnify.convert.network import FullyConvolutionalNet
+from fcnify.convert.ops import op_name
 from fcnify.convert.optimize import commute_pool_and_classifier
 from fcnify.convert.rules import (
     BOUNDARY_RULES,
@@ -33,34 +36,6 @@ from fcnify.introspect import input_channels, placement
 __all__ = ["FullyConvolutionalNet", "Geometry", "Rewrite", "convert", "parse_input_size"]
 
 _logger = logging.getLogger(__name__)
-
-
-class FullyConvolutionalNet(nn.Module):
-    """A converted classifier: maps N×C×H×W images (H, W ≥ the training size) to N×K×h×w logits.
-
-    Attributes:
-        net: the rewritten ``torch.fx.GraphModule``.
-        geometry: how output cells map to input windows.
-        input_size: the training size (H, W) the model was converted at.
-        in_chans: input channels.
-        rewrites: the layers that changed, old → new.
-    """
-
-    def __init__(self, net: nn.Module, geometry: Geometry, input_size: tuple[int, int], in_chans: int,
-                 rewrites: list[Rewrite] | None = None):
-        super().__init__()
-        self.net = net
-        self.geometry = geometry
-        self.input_size = tuple(input_size)
-        self.in_chans = in_chans
-        self.rewrites = list(rewrites or [])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def output_size(self, height: int, width: int) -> tuple[int, int]:
-        """The score map's size for an input of ``height`` × ``width`` (``Geometry.map_size``)."""
-        return self.geometry.map_size(height, width)
 
 
 def parse_input_size(value) -> tuple[int, int]:
@@ -106,8 +81,6 @@ def convert(model: nn.Module, input_size=(224, 224), in_chans: int | None = None
     height, width = parse_input_size(input_size)
     in_chans = in_chans or input_channels(model)
     if isinstance(model, torch.jit.ScriptModule):  # no Python forward to trace: its graph, rebuilt
-        from fcnify.convert.from_export import from_torchscript
-
         model = from_torchscript(model, (height, width), in_chans)
     # No catch-all here: what a model cannot do is refused by the gates below with a ConversionError naming
     # the node; any other exception is a bug in fcnify, which the CLI reports as one.
@@ -221,8 +194,6 @@ def _rewrite_head(ctx: RewriteContext, node: torch.fx.Node):
     analysis = ctx.analysis
     inputs = node.all_input_nodes
     if any(analysis.kind(n) is Kind.SPATIAL for n in inputs):
-        from fcnify.convert.ops import op_name
-
         name = op_name(node, ctx.modules)
         rule = BOUNDARY_RULES.get(name)
         if rule is None:

@@ -35,7 +35,12 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from fcnify.convert.analysis import analyse
+from fcnify.convert.geometry import _is_opaque
+from fcnify.convert.network import FullyConvolutionalNet
 from fcnify.convert.ops import node_arg, op_name, pair
+from fcnify.convert.rules import Rewrite
+from fcnify.convert.trace import propagate_shapes, shape_of
 from fcnify.errors import ConversionError, first_line
 from fcnify.introspect import placement
 
@@ -146,8 +151,6 @@ def dilate(fcn, output_stride: int):
         ConversionError: a stride that does not divide the native one, size-dependent padding, or a node the
             rewrite cannot keep exact (named, with the reason).
     """
-    from fcnify.convert import FullyConvolutionalNet
-
     geometry = fcn.geometry
     native = tuple(int(v) for v in geometry.stride)
     target = int(output_stride)
@@ -186,9 +189,6 @@ class _DilationPass:
     cut point), becomes a stride-1 dilated window op (``_window_op``), or follows a finer map (``_after_cut``)."""
 
     def __init__(self, fcn, target: int):
-        from fcnify.convert.analysis import analyse
-        from fcnify.convert.trace import propagate_shapes
-
         self.target = target
         self.gm: torch.fx.GraphModule = copy.deepcopy(fcn.net)
         device, dtype = placement(self.gm)
@@ -204,17 +204,11 @@ class _DilationPass:
         self.rewrites: list = []
 
     def record(self, node, old: str, new: str) -> None:
-        from fcnify.convert.rules import Rewrite
-        from fcnify.convert.trace import shape_of
-
         src = node.all_input_nodes[0] if node.all_input_nodes else None
         self.rewrites.append(Rewrite(node.name, old, new, shape_of(src) if src is not None else None,
                                      shape_of(node)))
 
     def run(self) -> torch.fx.GraphModule:
-        from fcnify.convert.geometry import _is_opaque
-        from fcnify.convert.trace import shape_of
-
         for node in list(self.gm.graph.nodes):
             if node.op == "placeholder":
                 self.grid[node] = _Grid((1, 1), (1, 1))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import operator
+import warnings
 
 import torch
 import torch.fx
@@ -303,9 +304,9 @@ def from_torchscript(script: torch.jit.ScriptModule, input_size: tuple[int, int]
     Raises:
         ConversionError: the TorchScript graph has ops the converter cannot express (named by torch).
     """
-    import warnings
-
-    from torch._export.converter import TS2EPConverter  # private, but the one bridge torch offers
+    # Lazy: a private torch module (the one bridge torch offers) that may move between versions; only
+    # TorchScript input needs it, so a torch without it must still import fcnify.
+    from torch._export.converter import TS2EPConverter
 
     example = (torch.zeros(1, in_chans, *input_size),)
     try:

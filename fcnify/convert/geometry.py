@@ -16,6 +16,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from fcnify.convert.analysis import Kind, analyse
 from fcnify.convert.ops import node_arg, op_name, pair
 from fcnify.convert.trace import shape_of
 from fcnify.introspect import placement
@@ -157,8 +158,6 @@ def _hw(shape, dims):
 
 def compute_geometry(gm: torch.fx.GraphModule, input_size: tuple[int, int], global_context: bool) -> Geometry:
     """Geometry of a converted, shape-propagated GraphModule whose output is an N×K×h×w map."""
-    from fcnify.convert.analysis import Kind, analyse
-
     info = analyse(gm).info
     modules = dict(gm.named_modules())
     flags = _Flags(global_context=global_context)

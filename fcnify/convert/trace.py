@@ -28,7 +28,7 @@ _MAX_FALLBACK_LEAVES = 64
 
 def _timm_notrace() -> tuple[set[type], set[Callable]]:
     """timm's registry of modules and functions that FX must not trace through (empty without timm)."""
-    try:
+    try:  # lazy: timm is optional
         import timm.models._features_fx  # noqa: F401  (importing registers timm's leaf modules)
         from timm.layers import _fx
     except Exception:  # timm missing or its private layout changed: fall back to failure-driven leaves

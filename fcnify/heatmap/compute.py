@@ -121,7 +121,8 @@ def onnx_twin(fcn: nn.Module, metadata) -> nn.Module:
         ExportError, NotEquivalentError: the export or its equivalence check failed.
     """
     # ONNX export and onnxruntime are heavy, optional-feeling imports: load them only when asked for.
-    from fcnify.onnx_export import OnnxNet, export_onnx
+    from fcnify.onnx_export import export_onnx
+    from fcnify.onnx_runtime import OnnxNet
 
     with tempfile.TemporaryDirectory(prefix="fcnify-onnx-") as tmp:
         path = Path(tmp) / "model.onnx"

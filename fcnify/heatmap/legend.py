@@ -109,7 +109,7 @@ def legend_height(width: int) -> int:
 def _font(size: int):
     # matplotlib's DejaVu Sans (always installed with it) has the dashes, "…" and most scripts' letters that
     # class names use; Pillow's bundled font lacks even "–". Without FreeType: Pillow's fixed bitmap font.
-    import matplotlib
+    import matplotlib  # lazy: heavy, only legends need it
 
     try:
         return ImageFont.truetype(f"{matplotlib.get_data_path()}/fonts/ttf/DejaVuSans.ttf", max(6, size))

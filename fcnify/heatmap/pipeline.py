@@ -31,12 +31,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fcnify.dense import with_output_stride
 from fcnify.errors import FcnifyError, InputError, OutputError
 from fcnify.heatmap import compute, plan, sinks
 from fcnify.heatmap.legend import add_legend, colour_range
 from fcnify.heatmap.memory import DEFAULT_TILE_BUDGET, bytes_per_pixel, parse_memory, parse_tile, tile_side
+from fcnify.heatmap.multiscale import multiscale_map, parse_scales
 from fcnify.heatmap.previews import classes_figure, colour_lut, preview_shape, render_previews
+from fcnify.heatmap.render import colormap
 from fcnify.heatmap.sources import open_source, open_view, read_thumbnail
+from fcnify.images import PreparedImage
 
 __all__ = [
     "ClassPeak", "HeatmapOptions", "ImageJob", "SCORE_FORMATS", "SummaryRow", "choose_scores_format",
@@ -116,9 +120,6 @@ class HeatmapOptions:
 
     def validate(self) -> None:
         """Raise ``InputError`` for option values that can never work (before any image is read)."""
-        from fcnify.heatmap.multiscale import parse_scales
-        from fcnify.heatmap.render import colormap
-
         colormap(self.cmap)
         checks = [
             (0.0 <= float(self.alpha) <= 1.0, f"--alpha {self.alpha} is not between 0 and 1", "e.g. --alpha 0.5"),
@@ -375,8 +376,6 @@ class ImageJob:
     """
 
     def __init__(self, fcn, geometry, model, options: HeatmapOptions, metadata=None):
-        from fcnify.dense import with_output_stride
-
         options.validate()
         self.options = options
         self.model = model if isinstance(model, ModelInfo) else ModelInfo.of(model)
@@ -677,9 +676,6 @@ def _compute(path, view, job: ImageJob, tiles, mask, computed, targets, attrs, f
 
 def _multiscale(view, job: ImageJob, tiles, mask, attrs):
     """One map per scale (each computed in one pass), combined on the grid of scale 1 (``multiscale``)."""
-    from fcnify.heatmap.multiscale import multiscale_map
-    from fcnify.images import PreparedImage
-
     options = job.options
     image = view.read(0, 0, *view.size)
     tensor = compute.to_model_input(image, job.model.in_chans, job.network.mean, job.network.std, tiles.canvas)

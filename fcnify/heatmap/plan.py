@@ -33,8 +33,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from fcnify.errors import InputError
+from fcnify.heatmap.sources import read_thumbnail
 from fcnify.introspect import placement
 
 __all__ = [
@@ -103,8 +105,6 @@ def map_size(fcn: nn.Module, geometry, in_chans: int, size: tuple[int, int]) -> 
     """
     if not isinstance(fcn, nn.Module) or getattr(fcn, "runs_outside_torch", False):
         return tuple(geometry.map_size(*size))
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     dtype = placement(fcn)[1]
     try:
         with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
@@ -320,8 +320,6 @@ def estimate_foreground(view, window: tuple[int, int], mode: str = "auto") -> Fo
                          hint="--foreground auto (skip a flat background) or all")
     if mode == "all":
         return None
-    from fcnify.heatmap.sources import read_thumbnail
-
     per_mask_pixel = max(1.0, min(window) / 8)
     thumb, down0 = read_thumbnail(view, max_pixels=4_000_000, min_downsample=per_mask_pixel * view.downsample[0])
     downsample = (down0[0] / view.downsample[0], down0[1] / view.downsample[1])

@@ -214,6 +214,7 @@ def classes_figure(previews: Previews, labels: Sequence[str], classes: Sequence[
         peaks: class → (peak probability, (y, x) window centre in image pixels).
         ranges: class → the probabilities its colormap's ends stand for (default 0–1).
     """
+    # lazy: matplotlib is heavy, and only the class panels draw figures
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch

@@ -8,6 +8,7 @@ Ray itself is optional (``pip install 'fcnify[ray]'``): it is imported only when
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import os
@@ -18,7 +19,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from fcnify.errors import FcnifyError, InputError, first_line
+import torch
+
+from fcnify.dense import check_precision
+from fcnify.errors import EngineError, ExportError, FcnifyError, InputError, first_line
+from fcnify.export import ModelMetadata, save_pt2
 from fcnify.heatmap.local import run_paths
 from fcnify.heatmap.pipeline import HeatmapOptions, ImageJob, ModelInfo, resolve_classes
 from fcnify.heatmap.summary import (
@@ -29,12 +34,13 @@ from fcnify.heatmap.summary import (
     summary_schema,
     table_to_rows,
 )
+from fcnify.models import load_model
+from fcnify.optional import require
 
-__all__ = ["RAY_HINT", "RayOptions", "ray_session", "require_ray", "run_ray"]
+__all__ = ["RayOptions", "ray_session", "require_ray", "run_ray"]
 
 _logger = logging.getLogger(__name__)
 
-RAY_HINT = "pip install 'fcnify[ray]'"
 
 
 @dataclass
@@ -69,13 +75,9 @@ class RayOptions:
 
 
 def require_ray():
-    try:
-        import ray
-        import ray.data  # noqa: F401
-    except ImportError as exc:
-        raise FcnifyError(f"--engine ray needs Ray Data, which is not installed ({exc.name or exc})",
-                          hint=RAY_HINT) from exc
-    return ray
+    """The ``ray`` module with Ray Data (optional: only --engine ray needs it)."""
+    require("ray.data", "ray", "run --engine ray")
+    return importlib.import_module("ray")
 
 
 def _is_loopback(address: str) -> bool:
@@ -92,7 +94,7 @@ def _loopback_only() -> None:
     constant is set too in case ``ray`` was imported before.
     """
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    try:
+    try:  # lazy: Ray is optional
         from ray._private import ray_constants
 
         ray_constants.ENABLE_RAY_CLUSTER = False
@@ -137,7 +139,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None,
         where = f"the Ray cluster at {address}" if address else "a local Ray"
         hint = ("check the address; a cluster with token authentication needs RAY_AUTH_MODE=token and its token "
                 "in RAY_AUTH_TOKEN (or ~/.ray/auth_token)") if address else "see Ray's logs in /tmp/ray"
-        raise FcnifyError(f"cannot start or join {where}: {type(exc).__name__}: {detail}", hint=hint) from exc
+        raise EngineError(f"cannot start or join {where}: {type(exc).__name__}: {detail}", hint=hint) from exc
     try:
         yield ray
     finally:
@@ -147,8 +149,6 @@ def ray_session(address: str | None = None, num_cpus: int | None = None,
 def _ship_model(ray, fcn, loaded, model_file, workdir: Path) -> dict:
     """Put the network in the object store once, for every actor: the user's ``.pt2``/``.onnx`` bytes, else
     the converted network exported to ``.pt2``; a network torch.export cannot capture travels pickled."""
-    from fcnify.errors import ExportError
-
     if model_file is not None and Path(model_file).suffix in (".pt2", ".onnx"):
         path = Path(model_file)
         return {"kind": "file", "suffix": path.suffix, "ref": ray.put(path.read_bytes())}
@@ -156,8 +156,6 @@ def _ship_model(ray, fcn, loaded, model_file, workdir: Path) -> dict:
         path = Path(loaded.extra["path"])  # an .onnx loaded by load_onnx_model
         return {"kind": "file", "suffix": path.suffix, "ref": ray.put(path.read_bytes())}
     try:
-        from fcnify.export import ModelMetadata, save_pt2
-
         metadata = ModelMetadata(tuple(fcn.input_size), int(fcn.in_chans), tuple(loaded.mean), tuple(loaded.std),
                                  tuple(str(v) for v in loaded.labels), fcn.geometry, loaded.source,
                                  normalisation=getattr(loaded, "normalisation", None) or "")
@@ -173,12 +171,10 @@ class _Predictor:
 
     def __init__(self, model: dict, geometry, info: ModelInfo, options: HeatmapOptions, resume: bool,
                  trust_model: bool):
-        import ray
+        import ray  # lazy: Ray is optional (the actor runs where it is installed)
 
         data = ray.get(model["ref"]) if isinstance(model["ref"], ray.ObjectRef) else model["ref"]
         if model["kind"] == "file":
-            from fcnify.models import load_model
-
             # load_model takes a path: the bytes go to a private temp file, read once and removed.
             with tempfile.TemporaryDirectory(prefix="fcnify-model-") as tmp:
                 path = Path(tmp) / f"model{model['suffix']}"
@@ -212,10 +208,6 @@ def _cause(exc: BaseException) -> BaseException:
 
 def run_ray(paths, stems, fcn, geometry, loaded, info: ModelInfo, options, ray_options: RayOptions, resume,
              model_file, trust_model) -> JobResult:
-    import torch
-
-    from fcnify.dense import check_precision
-
     # What would fail in every actor fails here, once: an actor sees only the GPUs Ray gives it.
     if ray_options.gpus_per_worker == 0 and str(options.device).startswith("cuda"):
         raise InputError(f"--device {options.device} with --engine ray needs GPUs for the workers",
@@ -230,7 +222,7 @@ def run_ray(paths, stems, fcn, geometry, loaded, info: ModelInfo, options, ray_o
     need_cpus = max(1, math.ceil(ray_options.workers * ray_options.cpus_per_worker))
     with ray_session(ray_options.address, num_cpus=max(need_cpus, os.cpu_count() or 1)) as ray, \
             tempfile.TemporaryDirectory(prefix="fcnify-ray-") as tmp:
-        import ray.data
+        import ray.data  # lazy: Ray is optional
 
         model = _ship_model(ray, fcn, loaded, model_file, Path(tmp))
         items = [{"index": i, "path": p, "stem": s}
@@ -258,7 +250,7 @@ def run_ray(paths, stems, fcn, geometry, loaded, info: ModelInfo, options, ray_o
             clear_summary(summary_path)
             # Ray Data's own writer: a folder of Parquet files (one here, all rows being few and small).
             done.write_parquet(str(summary_path), min_rows_per_file=max(1, len(items)))
-            import pyarrow as pa
+            import pyarrow as pa  # lazy: heavy (see summary.py)
 
             table = pa.concat_tables(ray.get(done.to_arrow_refs())) if items else summary_schema().empty_table()
         except FcnifyError:
@@ -268,7 +260,7 @@ def run_ray(paths, stems, fcn, geometry, loaded, info: ModelInfo, options, ray_o
             if isinstance(cause, FcnifyError):
                 raise cause from exc
             detail = (str(exc).strip().splitlines() or [""])[-1][:300]
-            raise FcnifyError(f"the Ray job failed: {type(exc).__name__}: {detail}",
+            raise EngineError(f"the Ray job failed: {type(exc).__name__}: {detail}",
                               hint="see the Ray output above; rerun the same command with --resume to go on") from exc
         context = ray.get_runtime_context()
         cluster = {"address": context.gcs_address,

@@ -6,6 +6,8 @@ window starts at ``offset + (i, j) * stride`` and is centred at that plus ``wind
 
 from __future__ import annotations
 
+import difflib
+
 import numpy as np
 
 from fcnify.errors import InputError
@@ -63,13 +65,11 @@ def colormap(name: str):
     Raises:
         InputError: an unknown name.
     """
-    import matplotlib
+    import matplotlib  # lazy: heavy, only drawing needs it
 
     try:
         return matplotlib.colormaps[name]
     except KeyError:
-        import difflib
-
         close = difflib.get_close_matches(name, list(matplotlib.colormaps), n=3)
         raise InputError(f"unknown colormap {name!r}",
                          hint=f"did you mean {', '.join(close)}?" if close else
@@ -108,7 +108,7 @@ def overlay(image_rgb: np.ndarray, heat: np.ndarray, cmap: str = "inferno", alph
 
 def label_colours(count: int) -> np.ndarray:
     """``count`` distinct RGB colours (0–1) for a label map: tab10/tab20, then a hue wheel."""
-    import matplotlib
+    import matplotlib  # lazy: heavy, only drawing needs it
 
     if count <= 10:
         base = matplotlib.colormaps["tab10"].colors

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import zarr
 
 from fcnify.atomic import temp_beside
 from fcnify.errors import OutputError
@@ -207,8 +208,6 @@ class ZarrSink:
 
     def __init__(self, target: Path, plan: TilePlan, attrs: MapAttrs, run_key: dict, dtype: str = "float32",
                  resume: bool = False):
-        import zarr  # the slide stack is only needed for stores
-
         self.target, self.plan = Path(target), plan
         self.folder = partial_path(self.target)
         self.done: set[int] = set()
@@ -230,8 +229,6 @@ class ZarrSink:
         self._log = open(self.folder / DONE_LOG, "a")
 
     def _resumable(self, key: dict) -> set[int]:
-        import zarr
-
         try:
             group = zarr.open_group(str(self.folder), mode="r")
             if group.attrs.get("run") != key:
@@ -275,8 +272,6 @@ class ZarrSink:
 
 def read_store_attrs(path: Path) -> dict | None:
     """The attributes of a complete store, or None (missing, partial or unreadable)."""
-    import zarr
-
     try:
         attrs = dict(zarr.open_group(str(path), mode="r").attrs)
     except Exception:
@@ -292,8 +287,6 @@ def open_scores(path: str | os.PathLike):
         with np.load(path, allow_pickle=False) as data:
             attrs = {name: data[name].tolist() for name in data.files if name not in ("scores", "logits")}
             return data["scores"], attrs
-    import zarr
-
     group = zarr.open_group(str(path), mode="r")
     return group["scores"], dict(group.attrs)
 

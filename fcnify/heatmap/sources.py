@@ -29,9 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+import tifffile
+import zarr
+from PIL import Image, UnidentifiedImageError
 
-from fcnify.errors import InputError, first_line
+from fcnify import images
+from fcnify.errors import InputError, MissingDependencyError, first_line
+from fcnify.optional import require
 
 __all__ = [
     "ImageSource", "Level", "LevelView", "OpenSlideSource", "PillowSource", "TiffSource", "open_source",
@@ -146,8 +150,6 @@ class PillowSource(ImageSource):
     whole = True
 
     def __init__(self, path: str, max_pixels: int | None = None):
-        from fcnify import images
-
         self.path = str(path)
         if "://" in self.path:
             with _open_uri(self.path) as f:
@@ -194,9 +196,6 @@ class TiffSource(ImageSource):
     whole = False
 
     def __init__(self, path: str):
-        import tifffile
-        import zarr
-
         self.path = str(path)
         self._handle = None
         self._tif = None
@@ -243,8 +242,6 @@ class TiffSource(ImageSource):
     def _check_photometric(self, photometric: int) -> None:
         # 0 min-is-white, 1 min-is-black, 2 RGB, 3 palette, 6 YCbCr (JPEG tiles are decoded to RGB by tifffile)
         if photometric not in (0, 1, 2, 3, 6):
-            import tifffile
-
             name = tifffile.PHOTOMETRIC(photometric).name if photometric in tifffile.PHOTOMETRIC._value2member_map_ \
                 else str(photometric)
             raise InputError(f"{self.path} has {name} colours, which fcnify cannot convert to RGB",
@@ -548,16 +545,12 @@ class OpenSlideSource(ImageSource):
 def _import_openslide(path: str):
     # openslide-python is an optional extra (it needs the OpenSlide C library): import it only for the
     # formats that need it, so everything else works without it
-    try:
-        import openslide
-    except ImportError as exc:
-        raise InputError(f"{path} needs OpenSlide, which is not installed", hint=_OPENSLIDE_HINT) from exc
-    return openslide
+    return require("openslide", "openslide", f"read {Path(path).name} (whole-slide formats such as MIRAX or VMS)")
 
 
 def _open_uri(uri: str):
     """A random-access file (pyarrow) for a URI any pyarrow filesystem reads (s3://, gs://, file://…)."""
-    import pyarrow.fs
+    import pyarrow.fs  # lazy: heavy, and only URIs need it
 
     try:
         fs, inner = pyarrow.fs.FileSystem.from_uri(uri)
@@ -589,10 +582,6 @@ def _suffix(path: str) -> str:
 
 def _pillow_identifies(path: str) -> bool:
     """Whether Pillow recognises the file (header only; the real decode and its checks come later)."""
-    from PIL import UnidentifiedImageError
-
-    from fcnify import images
-
     # Pillow's pixel limit is a global: lift it only under images' lock, so that identifying a large image
     # neither fails here nor disturbs another thread's decode
     with images._PIL_LOCK:
@@ -652,7 +641,7 @@ def open_source(path: str | os.PathLike, max_pixels: int | None = None) -> Image
         return PillowSource(path, max_pixels)
     try:
         openslide = _import_openslide(path)
-    except InputError as exc:
+    except MissingDependencyError as exc:  # an unknown format is first of all not an image we can read
         raise InputError(f"{path} is not an image format Pillow or tifffile can read",
                          hint=f"if it is a whole-slide image, {_OPENSLIDE_HINT}") from exc
     if openslide.OpenSlide.detect_format(path) is None:

@@ -62,7 +62,7 @@ def summary_schema():
     the peak cell's window centre (y, x) in level-0 pixels. ``outputs`` are relative to OUTDIR. The tile
     columns count the image's tiles: computed now, skipped as background, and done by an earlier run.
     """
-    import pyarrow as pa
+    import pyarrow as pa  # lazy: heavy, only the summary needs it
 
     peak = pa.struct([("class_index", pa.int32()), ("label", pa.string()), ("score", pa.float64()),
                       ("y", pa.float64()), ("x", pa.float64())])
@@ -94,7 +94,7 @@ _COUNTS = ("level", "downsample", "mpp", "tiles", "tiles_computed", "tiles_backg
 
 def rows_to_table(rows: Sequence[SummaryRow], indices: Sequence[int], stems: Sequence[str], outdir):
     """Summary rows as a ``pyarrow.Table`` of ``summary_schema``."""
-    import pyarrow as pa
+    import pyarrow as pa  # lazy: heavy, only the summary needs it
 
     outdir = Path(outdir)
     columns: dict[str, list] = {name: [] for name in summary_schema().names}
@@ -149,7 +149,7 @@ def clear_summary(target: Path) -> None:
 
 def write_summary(table, outdir) -> Path:
     """Write ``OUTDIR/summary.parquet`` as one file, atomically (replacing an earlier file or folder)."""
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # lazy: heavy, only the summary needs it
 
     target = Path(outdir) / SUMMARY_NAME
     tmp = temp_beside(target)
@@ -167,7 +167,7 @@ def write_summary(table, outdir) -> Path:
 
 def read_summary(outdir):
     """``OUTDIR/summary.parquet`` (a file or Ray's folder of files) as one table, sorted by ``index``."""
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # lazy: heavy, only the summary needs it
 
     table = pq.read_table(Path(outdir) / SUMMARY_NAME, schema=summary_schema())
     return table.sort_by("index")

@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from safetensors.torch import load_file
+
 from fcnify.zoo.digits import DIGITS_LABELS, STRIDE, WINDOW, DigitsNet
 
 ZOO_DIR = Path(__file__).resolve().parent
@@ -30,8 +32,6 @@ DIGITS_META: dict[str, Any] = {
 
 def load_digits_model(weights: str | Path | None = None) -> DigitsNet:
     """Build :class:`DigitsNet` and load the packaged safetensors weights (no pickle); eval mode."""
-    from safetensors.torch import load_file
-
     path = Path(weights) if weights is not None else DIGITS_WEIGHTS
     model = DigitsNet(num_classes=len(DIGITS_LABELS), in_chans=DIGITS_META["in_chans"])
     state = load_file(str(path), device="cpu")

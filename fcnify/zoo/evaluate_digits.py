@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fcnify.convert import convert
 from fcnify.zoo import DIGITS_LABELS, DIGITS_META, load_digits_model
 from fcnify.zoo.scenes import DEFAULT_NOISE_SIGMA, GlyphBox, load_split, random_scene
 
@@ -145,9 +146,7 @@ def heldout_scenes(n_scenes: int = 40, seed: int = 2024, size: tuple[int, int] =
 
 def dense_model(model: nn.Module) -> tuple[nn.Module, Any]:
     """Convert the classifier with fcnify: returns ``(fcn, fcn.geometry)``."""
-    import fcnify
-
-    fcn = fcnify.convert(model, input_size=tuple(DIGITS_META["input_size"]))
+    fcn = convert(model, input_size=tuple(DIGITS_META["input_size"]))
     fcn.eval()
     return fcn, fcn.geometry
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 GLYPH_SIZE = 24
 """Side of a rendered glyph box, in pixels (8x8 digit upscaled 3x)."""
@@ -231,7 +232,7 @@ def load_split(split: str) -> tuple[np.ndarray, np.ndarray]:
 
     Needs scikit-learn (a dev dependency), imported only here.
     """
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # lazy: scikit-learn is a dev dependency
 
     d = load_digits()
     if split == "train":
@@ -250,6 +251,4 @@ def to_rgb(scene: np.ndarray) -> np.ndarray:
 
 def save_png(path: str | Path, scene: np.ndarray) -> None:
     """Save a grey scene as an RGB PNG."""
-    from PIL import Image
-
     Image.fromarray(to_rgb(scene)).save(str(path))

@@ -30,9 +30,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from fcnify.zoo import DIGITS_LABELS, DIGITS_META, ZOO_DIR, DigitsNet
+from fcnify.zoo.evaluate_digits import dense_model, evaluate_scenes, make_scenes
 from fcnify.zoo.scenes import GLYPH_SIZE, MIN_GAP, load_split, place_boxes, render_glyph
 
 WINDOW = DIGITS_META["input_size"][0]
@@ -174,8 +176,6 @@ def train(
 
 
 def save(model: DigitsNet, out_dir: Path, info: dict) -> tuple[Path, Path]:
-    from safetensors.torch import save_file
-
     out_dir.mkdir(parents=True, exist_ok=True)
     st_path = out_dir / "digits.safetensors"
     js_path = out_dir / "digits.json"
@@ -234,8 +234,6 @@ def main(argv: list[str] | None = None) -> int:
         "train_seconds": round(train_s, 1),
     }
     if args.dev:
-        from fcnify.zoo.evaluate_digits import dense_model, evaluate_scenes, make_scenes
-
         val_imgs, val_labels = images[1200:], labels[1200:]
         vx, vy = WindowSampler(val_imgs, val_labels, np.random.default_rng(99)).batch(4096)
         acc, dacc, bacc = window_accuracy(model, vx, vy)
