@@ -349,11 +349,17 @@ def test_a_larger_budget_gives_a_larger_tile(padded, digits, tmp_path):
 
 
 def test_a_batch_of_tiles_fits_the_memory_budget_together(digits, tmp_path):
-    """Tiles run together only as far as their summed working set fits the budget (at least one at a time)."""
+    """On a GPU, tiles run together only as far as their summed working set fits the budget (at least one at a
+    time); on the CPU one at a time."""
     meta = SimpleNamespace(in_chans=1, mean=(0.1,), std=(0.3,), labels=tuple("0123456789") + ("bg",))
+    assert ImageJob(digits, digits.geometry, meta, HeatmapOptions(outdir=tmp_path, device="cpu")
+                    ).tiles_per_batch((64, 64)) == 1
 
     def job(**options):
-        return ImageJob(digits, digits.geometry, meta, HeatmapOptions(outdir=tmp_path, device="cpu", **options))
+        built = ImageJob(digits, digits.geometry, meta, HeatmapOptions(outdir=tmp_path, device="cpu", **options))
+        # The batching rule only reads the device's type: decide as for a GPU without needing one here.
+        built.network.device = torch.device("cuda")
+        return built
 
     default = job()
     per_tile = default.per_pixel() * 2048 * 2048

@@ -77,7 +77,7 @@ class HeatmapOptions:
         overwrite: replace existing outputs (otherwise an existing output is an ``OutputError``).
         dpi: resolution of ``<stem>.classes.png``.
         tile: None or "auto" (from ``max_memory``), or a tile size in input pixels (768 or "768x1024").
-        max_memory: the budget for a tile's working set ("2GB"; default 1 GB).
+        max_memory: the budget for a tile's working set ("2GB"; default 768 MB).
         output_stride: a finer output stride dividing the network's (dilation rewrite), None: native.
         scales: an image pyramid (e.g. (0.5, 1, 2)), combined on the grid of scale 1 (maps in memory only).
         combine: "mean" or "max" of the scales' probabilities.
@@ -398,8 +398,11 @@ class ImageJob:
         return self._per_pixel
 
     def tiles_per_batch(self, input_shape: tuple[int, int]) -> int:
-        """How many tiles of ``input_shape`` run together: ``batch_size``, but no more than fit the memory budget
-        together (a batch's working set is its tiles' sum), and at least one."""
+        """How many tiles of ``input_shape`` run together: one on the CPU (a tile's convolutions already use
+        every core, and a batch would multiply the working set); on a GPU ``batch_size``, but no more than fit
+        the memory budget together (a batch's working set is its tiles' sum), and at least one."""
+        if self.network.device.type == "cpu":
+            return 1
         budget = parse_memory(self.options.max_memory) if self.options.max_memory else DEFAULT_TILE_BUDGET
         fit = int(budget // max(1.0, self.per_pixel() * input_shape[0] * input_shape[1]))
         return max(1, min(int(self.options.batch_size), fit))
