@@ -38,8 +38,8 @@ _logger = logging.getLogger(__name__)
 
 #: What ``--formats`` may name: previews, the score store, QuPath annotations, the OME-TIFF overlay.
 FORMATS = ("png", "scores", "geojson", "ome-tiff")
-#: Bytes of map rows read at once.
-_BAND_BYTES = 64 * 2**20
+#: Bytes of map rows read at once (the polygonizer holds a few times this).
+_BAND_BYTES = 32 * 2**20
 #: The OME-TIFF's tile side, and the longest side its smallest level may have.
 TIFF_TILE = 256
 SMALLEST_LEVEL = 1024
@@ -258,30 +258,54 @@ def _axis(first: int, count: int, factor: float, cells: int, geometry: Geometry,
     return _Axis.of(np.clip(coords, 0.0, max(cells - 1, 0)), cells)
 
 
+class _Rows:
+    """One class's map rows, read in bands of about ``_BAND_BYTES`` (a zarr chunk is decoded once per band, not
+    once per row of tiles)."""
+
+    def __init__(self, scores, k: int):
+        self.scores, self.k = scores, k
+        self.rows = max(1, _BAND_BYTES // max(1, int(scores.shape[2]) * 4))
+        self.first, self.block = 0, np.zeros((1, 0, int(scores.shape[2])), dtype=np.float32)
+
+    def get(self, first: int, last: int) -> np.ndarray:
+        """Map rows first..last (1×rows×cols float32); rows are asked for in increasing order."""
+        if first < self.first or last > self.first + self.block.shape[1]:
+            end = min(int(self.scores.shape[1]), max(last, first + self.rows))
+            self.first = first
+            self.block = np.asarray(self.scores[self.k:self.k + 1, first:end, :], dtype=np.float32)
+        return self.block[:, first - self.first:last - self.first]
+
+
 def _overlay_tiles(scores, k: int, geometry: Geometry, size: tuple[int, int], factor: float, lut: np.ndarray,
                    alpha: float, colours: ColourRange) -> Iterator[np.ndarray]:
     """The RGBA tiles of one level, row of tiles by row of tiles, each TIFF_TILE² (edge tiles padded)."""
     cells_h, cells_w = int(scores.shape[1]), int(scores.shape[2])
-    opacity = np.uint8(round(alpha * 255))
+    # One 4-byte gather per pixel: entries 0–255 are the colormap at the overlay's opacity, 256 is transparent.
+    rgba = np.zeros((257, 4), dtype=np.uint8)
+    rgba[:256, :3], rgba[:256, 3] = lut, round(alpha * 255)
+    packed = rgba.view(np.uint32)[:, 0]
+    empty = np.zeros((TIFF_TILE, TIFF_TILE, 4), dtype=np.uint8)
+    rows = _Rows(scores, k)
     for top in range(0, size[0], TIFF_TILE):
         height = min(TIFF_TILE, size[0] - top)
         ys = _axis(top, height, factor, cells_h, geometry, 0)
         first, last = int(ys.low.min()), int(ys.high.max()) + 1
-        # This row of tiles' map rows, the one class, all columns: a few rows of the map at a time.
-        band = np.asarray(scores[k:k + 1, first:last, :], dtype=np.float32)
+        band = rows.get(first, last)
         for left in range(0, size[1], TIFF_TILE):
             width = min(TIFF_TILE, size[1] - left)
             xs = _axis(left, width, factor, cells_w, geometry, 1)
             start = int(xs.low.min())
-            shifted = replace(xs, low=xs.low - start, high=xs.high - start)
             block = band[:, :, start:int(xs.high.max()) + 1]
+            if np.isnan(block).all():  # background: nothing computed under this tile
+                yield empty
+                continue
+            shifted = replace(xs, low=xs.low - start, high=xs.high - start)
             heat = _bilinear(block, first, ys, np.arange(height), shifted)[0]
-            valid = ~np.isnan(heat)
-            index = np.clip(np.round(colours.fraction(np.nan_to_num(heat)) * 255), 0, 255).astype(np.uint8)
-            tile = np.zeros((TIFF_TILE, TIFF_TILE, 4), dtype=np.uint8)
-            tile[:height, :width, :3] = np.where(valid[..., None], lut[index], 0)
-            tile[:height, :width, 3] = np.where(valid, opacity, 0)
-            yield tile
+            index = np.clip(np.round(colours.fraction(np.nan_to_num(heat)) * 255), 0, 255).astype(np.int16)
+            index[np.isnan(heat)] = 256
+            tile = np.zeros((TIFF_TILE, TIFF_TILE), dtype=np.uint32)
+            tile[:height, :width] = packed[index]
+            yield tile.view(np.uint8).reshape(TIFF_TILE, TIFF_TILE, 4)
 
 
 def write_ome_tiff(path: Path, scores, attrs: dict, k: int, image_size: tuple[int, int], lut: np.ndarray,
@@ -309,7 +333,7 @@ def write_ome_tiff(path: Path, scores, attrs: dict, k: int, image_size: tuple[in
         metadata.update(PhysicalSizeY=mpp[0], PhysicalSizeYUnit="µm", PhysicalSizeX=mpp[1],
                         PhysicalSizeXUnit="µm")
     options = dict(dtype=np.uint8, tile=(TIFF_TILE, TIFF_TILE), photometric="rgb", extrasamples=("unassalpha",),
-                   compression=compression)
+                   compression=compression, compressionargs={"level": 1} if compression == "zlib" else None)
     with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tif:
         for level, size in enumerate(levels):
             factor = 2.0**level
