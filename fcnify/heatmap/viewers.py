@@ -40,6 +40,8 @@ _logger = logging.getLogger(__name__)
 FORMATS = ("png", "scores", "geojson", "ome-tiff")
 #: Bytes of map rows read at once (the polygonizer holds a few times this).
 _BAND_BYTES = 32 * 2**20
+#: Regions encoded together (shapely's vectorised placing and GeoJSON encoding).
+_BATCH = 4096
 #: The OME-TIFF's tile side, and the longest side its smallest level may have.
 TIFF_TILE = 256
 SMALLEST_LEVEL = 1024
@@ -101,9 +103,8 @@ class Region:
 
 def _band_regions(block: np.ndarray, first: int, skip: set[int], min_score: float | None) -> list[Region]:
     """The 4-connected regions of each class's argmax cells in ``block`` (K×R×W, map rows from ``first``)."""
+    import shapely
     from rasterio import features
-    from shapely.affinity import translate
-    from shapely.geometry import shape
 
     known = ~np.isnan(block).all(axis=0)
     filled = np.where(np.isnan(block), -np.inf, block)
@@ -115,15 +116,16 @@ def _band_regions(block: np.ndarray, first: int, skip: set[int], min_score: floa
     if not keep.any():
         return []
     classes = np.where(keep, best, -1).astype(np.int32)
-    pieces = [(shape(geom), int(value))
-              for geom, value in features.shapes(classes, mask=keep, connectivity=4)]
+    geoms, labels = zip(*features.shapes(classes, mask=keep, connectivity=4), strict=True)
     # Each region's score sum: burn the regions back as ids (a cell belongs to the polygon holding its centre).
-    ids = features.rasterize(((p, i + 1) for i, (p, _) in enumerate(pieces)), out_shape=classes.shape,
-                             fill=0, dtype=np.int32)
-    totals = np.bincount(ids.ravel(), weights=np.where(keep, peak, 0.0).ravel(), minlength=len(pieces) + 1)
-    counts = np.bincount(ids.ravel(), minlength=len(pieces) + 1)
-    return [Region(k, translate(p, 0, first), float(totals[i + 1]), int(counts[i + 1]))
-            for i, (p, k) in enumerate(pieces)]
+    ids = features.rasterize(zip(geoms, range(1, len(geoms) + 1), strict=True), out_shape=classes.shape, fill=0,
+                             dtype=np.int32)
+    totals = np.bincount(ids.ravel(), weights=np.where(keep, peak, 0.0).ravel(), minlength=len(geoms) + 1)
+    counts = np.bincount(ids.ravel(), minlength=len(geoms) + 1)
+    # Built and moved to the map's rows by shapely for the whole band at once (per-polygon calls dominate).
+    shapes = shapely.transform(shapely.from_geojson([json.dumps(g) for g in geoms]), lambda xy: xy + (0, first))
+    return [Region(int(k), p, float(totals[i + 1]), int(counts[i + 1]))
+            for i, (p, k) in enumerate(zip(shapes, labels, strict=True))]
 
 
 def _merge(open_regions: list[Region], new: list[Region], border: float) -> list[Region]:
@@ -185,24 +187,29 @@ def polygonize(scores, skip: set[int] = frozenset(), min_score: float | None = N
     yield from open_regions
 
 
-def _feature(region: Region, geometry: Geometry, labels: Sequence[str], colours: np.ndarray,
-             mpp: tuple[float, float] | None) -> dict:
-    from shapely.affinity import affine_transform
-    from shapely.geometry import mapping
+def _features(regions: list[Region], geometry: Geometry, labels: Sequence[str], colours: np.ndarray,
+              mpp: tuple[float, float] | None) -> list[str]:
+    """GeoJSON Feature texts of ``regions``, their geometry placed and encoded by shapely for all at once."""
+    import shapely
 
     sy, sx = geometry.stride
     # Cell coordinates (x = column, y = row) to level-0 pixels: column j's square starts at corner + j·stride.
-    placed = affine_transform(region.shape, [sx, 0.0, 0.0, sy, geometry.corner(1), geometry.corner(0)])
-    area = region.cells * sy * sx
-    measurements = {"mean score": round(region.total / max(1, region.cells), 6), "area px^2": float(area),
-                    "cells": region.cells}
-    if mpp is not None:
-        measurements["area µm^2"] = float(area * mpp[0] * mpp[1])
-    colour = [int(round(float(c) * 255)) for c in colours[region.label][:3]]
-    return {"type": "Feature", "geometry": mapping(placed),
-            "properties": {"objectType": "annotation", "isLocked": False,
-                           "classification": {"name": str(labels[region.label]), "color": colour},
-                           "measurements": measurements}}
+    scale, shift = np.array([sx, sy]), np.array([geometry.corner(1), geometry.corner(0)])
+    placed = shapely.transform(np.array([r.shape for r in regions], dtype=object), lambda xy: xy * scale + shift)
+    texts = []
+    for region, encoded in zip(regions, shapely.to_geojson(placed), strict=True):
+        area = region.cells * sy * sx
+        measurements = {"mean score": round(region.total / max(1, region.cells), 6), "area px^2": float(area),
+                        "cells": region.cells}
+        if mpp is not None:
+            measurements["area µm^2"] = float(area * mpp[0] * mpp[1])
+        colour = [int(round(float(c) * 255)) for c in colours[region.label][:3]]
+        properties = {"objectType": "annotation", "isLocked": False,
+                      "classification": {"name": str(labels[region.label]), "color": colour},
+                      "measurements": measurements}
+        texts.append(f'{{"type": "Feature", "geometry": {encoded}, '
+                     f'"properties": {json.dumps(properties, ensure_ascii=False)}}}')
+    return texts
 
 
 def write_geojson(path: Path, scores, attrs: dict, min_score: float | None = None,
@@ -227,11 +234,15 @@ def write_geojson(path: Path, scores, attrs: dict, min_score: float | None = Non
     with open(path, "w", encoding="utf-8") as f:
         # One feature per line as each region is finished: the file is streamed, never built in memory.
         f.write('{"type": "FeatureCollection", "features": [\n')
-        separator = ""
-        for region in polygonize(scores, background_classes(labels), min_score, band_rows):
-            f.write(separator + json.dumps(_feature(region, geometry, labels, colours, mpp), ensure_ascii=False))
-            separator = ",\n"
-            counts[labels[region.label]] += 1
+        separator, batch = "", []
+        regions = polygonize(scores, background_classes(labels), min_score, band_rows)
+        for region in (*regions, None):
+            if region is not None:
+                batch.append(region)
+                counts[labels[region.label]] += 1
+            if batch and (region is None or len(batch) >= _BATCH):
+                f.write(separator + ",\n".join(_features(batch, geometry, labels, colours, mpp)))
+                separator, batch = ",\n", []
         f.write("\n]}\n")
     _logger.info("%s: %s", path, ", ".join(f"{n} {name}" for name, n in counts.items() if n) or "no regions")
     return counts
