@@ -9,7 +9,9 @@ For an input ``<stem>.<ext>`` it writes, in the output folder:
 * ``<stem>.classes.png``: a panel per top-k class and the most probable class per pixel;
 * ``<stem>.scores.npz`` (maps held in memory) or ``<stem>.scores.zarr`` (tiled sources and large maps; see
   ``choose_scores_format``): probabilities K×rows×cols with NaN for background cells, and the geometry;
-* ``<stem>.mask.png`` when a flat background was found: the foreground mask at thumbnail size.
+* ``<stem>.mask.png`` when a flat background was found: the foreground mask at thumbnail size;
+* with ``formats``: ``<stem>.geojson`` (QuPath annotations) and ``<stem>.heatmap[.<class>].ome.tif`` (pyramidal
+  overlays), written from the map by ``viewers``; ``png`` may be left out.
 
 Every file is written under a temporary name and renamed into place only once all of them are complete.
 """
