@@ -88,6 +88,14 @@ def level0_mpp(attrs: dict) -> tuple[float, float] | None:
     return float(mpp[0]) / float(downsample[0]), float(mpp[1]) / float(downsample[1])
 
 
+def _band_rows(scores, row_bytes: int, budget: int) -> int:
+    """Map rows per band: about ``budget`` bytes of ``row_bytes`` rows, in whole chunk rows of a chunked store
+    (a chunk is then decoded once, not once per band it straddles)."""
+    rows = max(1, budget // max(1, row_bytes))
+    chunk = int(getattr(scores, "chunks", (1, 1))[1])
+    return max(chunk, rows // chunk * chunk)
+
+
 # -------------------------------------------------------------------------------------------------- GeoJSON
 
 
@@ -171,7 +179,7 @@ def polygonize(scores, skip: set[int] = frozenset(), min_score: float | None = N
         band_rows: map rows per band (default: about 64 MiB of float32).
     """
     classes, rows, cols = (int(v) for v in scores.shape)
-    band = band_rows or max(1, _BAND_BYTES // max(1, classes * cols * 4))
+    band = band_rows or _band_rows(scores, classes * cols * 4, _BAND_BYTES)
     open_regions: list[Region] = []
     for first in range(0, rows, band):
         last = min(first + band, rows)
@@ -270,21 +278,30 @@ def _axis(first: int, count: int, factor: float, cells: int, geometry: Geometry,
 
 
 class _Rows:
-    """One class's map rows, read in bands of about ``_BAND_BYTES`` (a zarr chunk is decoded once per band, not
-    once per row of tiles)."""
+    """One class's map rows for the overlay's rows of tiles. Rows close together (level 0 and the first levels)
+    come from a band of whole chunk rows read once (a chunk is not decoded again for every row of tiles); the
+    few, far apart rows a coarse level samples are read alone, so memory stays a band whatever the level."""
 
     def __init__(self, scores, k: int):
         self.scores, self.k = scores, k
-        self.rows = max(1, _BAND_BYTES // max(1, int(scores.shape[2]) * 4))
+        # A zarr chunk holds every class: the rows read are what a band of all classes would cost.
+        self.rows = _band_rows(scores, int(scores.shape[0]) * int(scores.shape[2]) * 4, _BAND_BYTES // 2)
+        self.chunk = int(getattr(scores, "chunks", (1, 1))[1])
         self.first, self.block = 0, np.zeros((1, 0, int(scores.shape[2])), dtype=np.float32)
 
-    def get(self, first: int, last: int) -> np.ndarray:
-        """Map rows first..last (1×rows×cols float32); rows are asked for in increasing order."""
+    def get(self, wanted: np.ndarray) -> np.ndarray:
+        """Map rows ``wanted`` (sorted, unique) as 1×len(wanted)×cols float32."""
+        first, last = int(wanted[0]), int(wanted[-1]) + 1
+        if last - first > self.rows:
+            if hasattr(self.scores, "oindex"):  # zarr: only the chunks holding these rows are read
+                return np.asarray(self.scores.oindex[self.k:self.k + 1, wanted, :], dtype=np.float32)
+            return np.asarray(self.scores[self.k:self.k + 1][:, wanted], dtype=np.float32)
         if first < self.first or last > self.first + self.block.shape[1]:
-            end = min(int(self.scores.shape[1]), max(last, first + self.rows))
-            self.first = first
-            self.block = np.asarray(self.scores[self.k:self.k + 1, first:end, :], dtype=np.float32)
-        return self.block[:, first - self.first:last - self.first]
+            start = first // self.chunk * self.chunk
+            end = min(int(self.scores.shape[1]), max(last, start + self.rows))
+            self.first = start
+            self.block = np.asarray(self.scores[self.k:self.k + 1, start:end, :], dtype=np.float32)
+        return self.block[:, wanted - self.first]
 
 
 def _overlay_tiles(scores, k: int, geometry: Geometry, size: tuple[int, int], factor: float, lut: np.ndarray,
@@ -300,8 +317,10 @@ def _overlay_tiles(scores, k: int, geometry: Geometry, size: tuple[int, int], fa
     for top in range(0, size[0], TIFF_TILE):
         height = min(TIFF_TILE, size[0] - top)
         ys = _axis(top, height, factor, cells_h, geometry, 0)
-        first, last = int(ys.low.min()), int(ys.high.max()) + 1
-        band = rows.get(first, last)
+        # The map rows this row of tiles samples, renumbered as rows of the block read.
+        wanted = np.unique(np.concatenate([ys.low, ys.high]))
+        band = rows.get(wanted)
+        ys = replace(ys, low=np.searchsorted(wanted, ys.low), high=np.searchsorted(wanted, ys.high))
         for left in range(0, size[1], TIFF_TILE):
             width = min(TIFF_TILE, size[1] - left)
             xs = _axis(left, width, factor, cells_w, geometry, 1)
@@ -311,7 +330,7 @@ def _overlay_tiles(scores, k: int, geometry: Geometry, size: tuple[int, int], fa
                 yield empty
                 continue
             shifted = replace(xs, low=xs.low - start, high=xs.high - start)
-            heat = _bilinear(block, first, ys, np.arange(height), shifted)[0]
+            heat = _bilinear(block, 0, ys, np.arange(height), shifted)[0]
             index = np.clip(np.round(colours.fraction(np.nan_to_num(heat)) * 255), 0, 255).astype(np.int16)
             index[np.isnan(heat)] = 256
             tile = np.zeros((TIFF_TILE, TIFF_TILE), dtype=np.uint32)
