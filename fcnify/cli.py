@@ -367,6 +367,8 @@ def heatmap(
     ] = "png,scores",
     min_score: Annotated[float | None, typer.Option(
         "--min-score", help="GeoJSON: only cells whose top class has at least this probability.")] = None,
+    scores_levels: Annotated[bool, typer.Option(
+        "--scores-levels", help="Add 2x downsampled levels to a .scores.zarr (OME-NGFF multiscales).")] = False,
     max_pixels: Annotated[int | None, typer.Option("--max-pixels", min=0,
                                                    help="Refuse larger ordinary images (0: no limit).")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")] = "auto",
@@ -420,7 +422,8 @@ def heatmap(
                              batch_size=batch_size, tile=tile, max_memory=max_memory, output_stride=output_stride,
                              scales=tuple(parse_scales(scales)) if scales else (), combine=combine, level=level,
                              mpp=mpp, foreground=foreground, scores=scores, scores_dtype=scores_dtype,
-                             preview_size=preview_size, runtime=runtime, formats=formats, min_score=min_score)
+                             preview_size=preview_size, runtime=runtime, formats=formats, min_score=min_score,
+                             scores_levels=scores_levels)
     options.validate()
     if engine not in ENGINES:
         raise FcnifyError(f"unknown engine {engine!r}", hint="use --engine local or --engine ray")

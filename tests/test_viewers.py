@@ -257,3 +257,41 @@ def test_stale_geojson_temporaries_are_removed_but_not_another_stems(tmp_path):
         path.write_text("{}")
     sinks.remove_stale(tmp_path, "case", keep_partial=False)
     assert not mine.exists() and not overlay.exists() and other.exists()
+
+
+def test_ngff_levels_are_nan_aware_2x_means_placed_on_the_cells_they_average(tmp_path):
+    rng = np.random.default_rng(1)
+    scores = rng.random((2, 11, 9)).astype(np.float32)
+    scores[:, 0:2, 0:2] = np.nan  # a whole 2×2 block not computed
+    scores[:, 4, 4] = np.nan      # one cell of a block
+    group = zarr.open_group(str(tmp_path / "s.zarr"), mode="w", zarr_format=3)
+    group.create_array("scores", data=scores, chunks=(2, 4, 4), dimension_names=("class", "y", "x"))
+    assert viewers.write_ngff_levels(group, smallest=4) == 3
+    one, two = group["scores_1"][:], group["scores_2"][:]
+    assert one.shape == (2, 6, 5) and two.shape == (2, 3, 3)
+    assert np.isnan(one[:, 0, 0]).all()
+    np.testing.assert_allclose(one[:, 2, 2], np.nanmean(scores[:, 4:6, 4:6].reshape(2, -1), axis=1), rtol=1e-6)
+    np.testing.assert_allclose(one[:, 5, 4], scores[:, 10, 8], rtol=1e-6)  # the odd edge: one cell
+    np.testing.assert_allclose(two[:, 1, 1], np.nanmean(one[:, 2:4, 2:4].reshape(2, -1), axis=1), rtol=1e-6)
+    attrs = {"labels": ["a", "b"], "stride": [4, 4], "offset": [0, 0], "window": [32, 32], "mpp": None,
+             "downsample": [1.0, 1.0]}
+    (multiscale,) = viewers.ngff_attrs(attrs, levels=3)["ome"]["multiscales"]
+    assert "unit" not in multiscale["axes"][1]  # no pixel size: level-0 pixels
+    for level, dataset in enumerate(multiscale["datasets"]):
+        assert dataset["path"] == viewers.level_path("scores", level) and dataset["path"] in group
+        scale, translation = (t[t["type"]] for t in dataset["coordinateTransformations"])
+        assert scale == [1.0, 4.0 * 2**level, 4.0 * 2**level]
+        # Cell 0 of level L averages cells 0 … 2^L − 1: its centre lies midway between their window centres.
+        assert translation[1] == pytest.approx(16 - 0.5 + 4 * (2**level - 1) / 2)
+
+
+def test_scores_levels_through_the_cli(tmp_path):
+    slide = write_slide(tmp_path / "wide.ome.tif", size=(256, 4400), kind="ome", background="white", tile=128,
+                        levels=2, compression="zlib", density=0.5)
+    result = heatmap(slide, "--formats", "scores", "--scores-levels", "--device", "cpu", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    group = zarr.open_group(str(tmp_path / "out" / "wide.scores.zarr"), mode="r")
+    assert group.attrs["complete"] is True
+    assert group["scores"].shape[2] > 1024 and group["scores_1"].shape[2] == (group["scores"].shape[2] + 1) // 2
+    paths = [d["path"] for d in group.attrs["ome"]["multiscales"][0]["datasets"]]
+    assert paths == ["scores", "scores_1"]

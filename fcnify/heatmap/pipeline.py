@@ -91,6 +91,8 @@ class HeatmapOptions:
             map the other outputs and ``--resume`` read), "geojson" (QuPath annotations), "ome-tiff" (a pyramidal
             overlay per drawn class); a tuple or a comma list.
         min_score: GeoJSON regions keep only cells whose top probability is at least this (None: all).
+        scores_levels: add 2× downsampled copies of a zarr map (down to ≤ 1024 cells) listed in its OME-NGFF
+            ``multiscales``, so viewers open huge maps quickly.
     """
 
     outdir: Path
@@ -122,6 +124,7 @@ class HeatmapOptions:
     runtime: str = "auto"
     formats: tuple | str = DEFAULT_FORMATS
     min_score: float | None = None
+    scores_levels: bool = False
 
     def validate(self) -> None:
         """Raise ``InputError`` for option values that can never work (before any image is read)."""
@@ -630,7 +633,8 @@ def _run_image(path: str, stem: str, job: ImageJob, resume: bool,
                        "row": {"padded": tiles.canvas != tuple(view.size),
                                "outputs": [os.path.relpath(o, outdir) for o in outputs], **info}}
             if fmt == "zarr":
-                staged.folder(sink.finish(sinks.status_grid(tiles, computed), summary), targets["scores"])
+                staged.folder(sink.finish(sinks.status_grid(tiles, computed), summary, options.scores_levels),
+                              targets["scores"])
             else:
                 tmp = staged.path(targets["scores"])
                 sinks.write_npz(tmp, scores, attrs, summary)

@@ -30,7 +30,7 @@ import numpy as np
 from fcnify.atomic import temp_beside
 from fcnify.errors import OutputError
 from fcnify.heatmap.plan import Tile, TilePlan
-from fcnify.heatmap.viewers import ngff_attrs
+from fcnify.heatmap.viewers import ngff_attrs, write_ngff_levels
 
 __all__ = ["ArraySink", "SCORE_DTYPES", "Staged", "ZarrSink", "open_scores", "partial_path", "read_store_attrs",
            "write_npz"]
@@ -265,11 +265,18 @@ class ZarrSink:
         self._log.flush()
         self.done.add(index)
 
-    def finish(self, status: np.ndarray, summary: dict) -> Path:
-        """Mark the store complete (tile status grid: 1 computed, 2 background) and return its folder."""
+    def finish(self, status: np.ndarray, summary: dict, levels: bool = False) -> Path:
+        """Mark the store complete (tile status grid: 1 computed, 2 background) and return its folder.
+
+        Args:
+            levels: also write 2× downsampled copies of the map for NGFF viewers (``scores_1``, …).
+        """
         self._log.close()
         self.group.create_array("tiles", data=status.astype(np.uint8), chunks=status.shape,
                                 dimension_names=("tile_row", "tile_col"))
+        if levels:
+            count = write_ngff_levels(self.group)
+            self.group.attrs.update(ngff_attrs(dict(self.group.attrs), levels=count))
         self.group.attrs.update({"complete": True, **summary})
         (self.folder / DONE_LOG).unlink(missing_ok=True)
         return self.folder

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,7 +32,7 @@ import numpy as np
 from fcnify.heatmap.legend import ColourRange
 from fcnify.heatmap.previews import _Axis, _bilinear
 
-__all__ = ["FORMATS", "background_classes", "ngff_attrs", "overlay_levels", "parse_formats", "polygonize",
+__all__ = ["FORMATS", "background_classes", "level_path", "ngff_attrs", "write_ngff_levels", "overlay_levels", "parse_formats", "polygonize",
            "write_geojson", "write_ome_tiff"]
 
 _logger = logging.getLogger(__name__)
@@ -378,24 +379,66 @@ def write_ome_tiff(path: Path, scores, attrs: dict, k: int, image_size: tuple[in
 # ---------------------------------------------------------------------------------------------------- NGFF
 
 
-def ngff_attrs(attrs: dict, dataset: str = "scores") -> dict:
-    """OME-NGFF 0.5 group attributes (``{"ome": {...}}``) placing the store's ``dataset`` (class × y × x) on the
-    slide: in µm when the pixel size is known, else in level-0 pixels.
+def ngff_attrs(attrs: dict, dataset: str = "scores", levels: int = 1) -> dict:
+    """OME-NGFF 0.5 group attributes (``{"ome": {...}}``) placing the store's ``dataset`` (class × y × x) and its
+    ``levels - 1`` 2× downsampled copies (``<dataset>_1``, …) on the slide: in µm when the pixel size is known,
+    else in level-0 pixels.
 
     Coordinates follow the pixel-centre convention of NGFF readers (napari draws pixel ``i`` centred on
     ``i·scale + translation``): the slide's level-0 pixel ``(y, x)`` sits at ``(y, x)`` (× mpp), so cell
-    ``(i, j)`` sits at its window's centre, ``offset + window/2 − ½ + (i, j)·stride``.
+    ``(i, j)`` sits at its window's centre, ``offset + window/2 − ½ + (i, j)·stride``; a cell of level ``L``
+    (the mean of 2^L × 2^L cells) at the centre of the cells it averages.
     """
     geometry, mpp = Geometry.of(attrs), level0_mpp(attrs)
     unit = (mpp[0], mpp[1]) if mpp is not None else (1.0, 1.0)
     space = {"type": "space", **({"unit": "micrometer"} if mpp is not None else {})}
-    scale = [1.0] + [geometry.stride[a] * unit[a] for a in range(2)]
-    translation = [0.0] + [(geometry.offset[a] + geometry.window[a] / 2 - 0.5) * unit[a] for a in range(2)]
+    datasets = []
+    for level in range(levels):
+        factor = 2**level
+        scale = [1.0] + [geometry.stride[a] * factor * unit[a] for a in range(2)]
+        translation = [0.0] + [(geometry.offset[a] + geometry.window[a] / 2 - 0.5
+                                + geometry.stride[a] * (factor - 1) / 2) * unit[a] for a in range(2)]
+        datasets.append({"path": level_path(dataset, level), "coordinateTransformations": [
+            {"type": "scale", "scale": scale}, {"type": "translation", "translation": translation}]})
     return {"ome": {"version": "0.5", "multiscales": [{
         "name": "scores",
         "axes": [{"name": "class", "type": "channel"}, {"name": "y", **space}, {"name": "x", **space}],
-        "datasets": [{"path": dataset, "coordinateTransformations": [
-            {"type": "scale", "scale": scale}, {"type": "translation", "translation": translation}]}],
+        "datasets": datasets,
+        **({"type": "mean of 2x2 cells, NaN ignored"} if levels > 1 else {}),
         "metadata": {"labels": [str(v) for v in attrs["labels"]],
                      "description": "class probabilities; NaN where not computed"},
     }]}}
+
+
+def level_path(dataset: str, level: int) -> str:
+    """The array of a store's downsampled level: ``scores``, ``scores_1``, ``scores_2``, …"""
+    return dataset if level == 0 else f"{dataset}_{level}"
+
+
+def write_ngff_levels(group, dataset: str = "scores", smallest: int = SMALLEST_LEVEL) -> int:
+    """Add 2× downsampled copies of ``group[dataset]`` (NaN-aware means of 2×2 cells) until the longest side is
+    at most ``smallest``, each written band by band from the one above; return the number of levels in all."""
+    import zarr
+
+    source = group[dataset]
+    level = 0
+    while max(source.shape[1:]) > smallest:
+        level += 1
+        classes, rows, cols = (int(v) for v in source.shape)
+        shape = (classes, (rows + 1) // 2, (cols + 1) // 2)
+        target = group.create_array(
+            level_path(dataset, level), shape=shape, chunks=(classes, min(512, shape[1]), min(512, shape[2])),
+            dtype=source.dtype, fill_value=np.nan, dimension_names=source.metadata.dimension_names,
+            compressors=zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"), overwrite=True)
+        band = 2 * max(1, _band_rows(source, classes * cols * 4, _BAND_BYTES) // 2)
+        for first in range(0, rows, band):
+            block = np.asarray(source[:, first:first + band, :], dtype=np.float32)
+            padded = np.full((classes, block.shape[1] + block.shape[1] % 2, cols + cols % 2), np.nan, np.float32)
+            padded[:, :block.shape[1], :cols] = block
+            quads = padded.reshape(classes, padded.shape[1] // 2, 2, padded.shape[2] // 2, 2)
+            with np.errstate(invalid="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN 2×2 blocks stay NaN
+                target[:, first // 2:first // 2 + quads.shape[1], :] = np.nanmean(quads, axis=(2, 4)).astype(
+                    target.dtype)
+        source = target
+    return level + 1
