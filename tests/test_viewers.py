@@ -213,15 +213,19 @@ def test_outputs_are_listed_and_resume_skips_them_when_complete(slide_run, tmp_p
                                                   "case.scores.npz"]
 
 
-def test_png_image_geojson_only_and_min_score(tmp_path):
+def test_png_image_without_previews_min_score_and_resume(tmp_path):
     rng = np.random.default_rng(0)
     image = tmp_path / "photo.png"
     Image.fromarray(rng.integers(0, 255, (96, 120), dtype=np.uint8)).save(image)
     out = tmp_path / "out"
-    result = heatmap(image, "--formats", "scores, GeoJSON", "--min-score", "0.3", "--foreground", "all",
+    result = heatmap(image, "--formats", "scores, GeoJSON,ome-tiff", "--min-score", "0.3", "--foreground", "all",
                      "--device", "cpu", "-o", out)
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["photo.geojson", "photo.scores.npz", "summary.parquet"]
+    assert sorted(p.name for p in out.iterdir()) == ["photo.geojson", "photo.heatmap.ome.tif", "photo.scores.npz",
+                                                     "summary.parquet"]
+    with tifffile.TiffFile(out / "photo.heatmap.ome.tif") as tif:  # from a map held in memory; no pixel size
+        assert tif.is_ome and [level.shape for level in tif.series[0].levels] == [(96, 120, 4)]
+        assert "PhysicalSizeX" not in tif.ome_metadata
     with np.load(out / "photo.scores.npz") as data:
         scores, labels, stride = data["scores"], [str(v) for v in data["labels"]], data["stride"]
     data = json.loads((out / "photo.geojson").read_text())
@@ -229,7 +233,7 @@ def test_png_image_geojson_only_and_min_score(tmp_path):
     assert areas(data["features"]) == pytest.approx(expected)
     assert all(f["properties"]["measurements"]["mean score"] >= 0.3 for f in data["features"])
     # --resume finds the outputs complete.
-    again = heatmap(image, "--formats", "scores,geojson", "--min-score", "0.3", "--foreground", "all",
+    again = heatmap(image, "--formats", "scores,geojson,ome-tiff", "--min-score", "0.3", "--foreground", "all",
                     "--device", "cpu", "-o", out, "--resume")
     assert again.exit_code == 0 and "1 skipped as complete" in again.output
 
