@@ -177,7 +177,7 @@ def polygonize(scores, skip: set[int] = frozenset(), min_score: float | None = N
         scores: K×rows×cols probabilities (an array or a zarr array), NaN where not computed.
         skip: classes to leave out (background).
         min_score: leave out cells whose top probability is below it.
-        band_rows: map rows per band (default: about 64 MiB of float32).
+        band_rows: map rows per band (default: about 32 MiB of float32, in whole chunk rows).
     """
     classes, rows, cols = (int(v) for v in scores.shape)
     band = band_rows or _band_rows(scores, classes * cols * 4, _BAND_BYTES)
