@@ -379,6 +379,13 @@ def heatmap(
         "--scores", help="Score file: auto (zarr for slides and big maps, else npz), npz or zarr.")] = "auto",
     scores_dtype: Annotated[str, typer.Option("--scores-dtype", help="float32 or float16 (zarr).")] = "float32",
     preview_size: Annotated[int, typer.Option("--preview-size", min=16, help="Longest side of the previews.")] = 4096,
+    formats: Annotated[str, typer.Option(
+        "--formats", help="Comma list of png, scores, geojson (QuPath annotations), ome-tiff (pyramidal overlay).")
+    ] = "png,scores",
+    min_score: Annotated[float | None, typer.Option(
+        "--min-score", help="GeoJSON: only cells whose top class has at least this probability.")] = None,
+    scores_levels: Annotated[bool, typer.Option(
+        "--scores-levels", help="Add 2x downsampled levels to a .scores.zarr (OME-NGFF multiscales).")] = False,
     max_pixels: Annotated[int | None, typer.Option("--max-pixels", min=0,
                                                    help="Refuse larger ordinary images (0: no limit).")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")] = "auto",
@@ -432,7 +439,8 @@ def heatmap(
                              batch_size=batch_size, tile=tile, max_memory=max_memory, output_stride=output_stride,
                              scales=tuple(parse_scales(scales)) if scales else (), combine=combine, level=level,
                              mpp=mpp, foreground=foreground, scores=scores, scores_dtype=scores_dtype,
-                             preview_size=preview_size, runtime=runtime)
+                             preview_size=preview_size, runtime=runtime, formats=formats, min_score=min_score,
+                             scores_levels=scores_levels)
     options.validate()
     if engine not in ENGINES:
         raise InputError(f"unknown engine {engine!r}", hint="use --engine local or --engine ray")
@@ -482,8 +490,10 @@ def heatmap(
         console.print(f"{counts['ok']} ok ({result.skipped} skipped as complete), {len(failed)} failed; "
                       f"{result.processed} images, {megapixels:.1f} Mpx in {result.seconds:.1f} s = "
                       f"{counts['megapixels_per_second'] or 0:.2f} Mpx/s{bg} ({engine} engine)")
-        console.print(f"outputs in {outdir}/: <stem>.heatmap.png, <stem>.classes.png, <stem>.scores.npz or "
-                      f".scores.zarr, <stem>.mask.png (with a background), summary.parquet")
+        written = {"png": "<stem>.heatmap.png, <stem>.classes.png", "ome-tiff": "<stem>.heatmap.ome.tif",
+                   "geojson": "<stem>.geojson", "scores": "<stem>.scores.npz or .scores.zarr"}
+        names = ", ".join(written[kind] for kind in written if kind in options.formats)
+        console.print(f"outputs in {outdir}/: {names}, <stem>.mask.png (with a background), summary.parquet")
     for row in failed:
         where = "" if row.path in (row.error or "") else f"{row.path}: "  # most errors name the file already
         err_console.print(f"[bold red]error:[/] {where}{row.error}", highlight=False, soft_wrap=True)

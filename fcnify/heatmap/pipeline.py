@@ -9,7 +9,9 @@ For an input ``<stem>.<ext>`` it writes, in the output folder:
 * ``<stem>.classes.png``: a panel per top-k class and the most probable class per pixel;
 * ``<stem>.scores.npz`` (maps held in memory) or ``<stem>.scores.zarr`` (tiled sources and large maps; see
   ``choose_scores_format``): probabilities K×rows×cols with NaN for background cells, and the geometry;
-* ``<stem>.mask.png`` when a flat background was found: the foreground mask at thumbnail size.
+* ``<stem>.mask.png`` when a flat background was found: the foreground mask at thumbnail size;
+* with ``formats``: ``<stem>.geojson`` (QuPath annotations) and ``<stem>.heatmap[.<class>].ome.tif`` (pyramidal
+  overlays), written from the map by ``viewers``; ``png`` may be left out.
 
 Every file is written under a temporary name and renamed into place only once all of them are complete.
 """
@@ -33,7 +35,7 @@ from PIL import Image
 
 from fcnify.dense import with_output_stride
 from fcnify.errors import FcnifyError, InputError, OutputError
-from fcnify.heatmap import compute, plan, sinks
+from fcnify.heatmap import compute, plan, sinks, viewers
 from fcnify.heatmap.legend import add_legend, colour_range
 from fcnify.heatmap.memory import DEFAULT_TILE_BUDGET, bytes_per_pixel, parse_memory, parse_tile, tile_side
 from fcnify.heatmap.multiscale import multiscale_map, parse_scales
@@ -53,6 +55,7 @@ SCORE_FORMATS = ("auto", "npz", "zarr")
 #: ``--scores auto`` keeps maps up to this many bytes (float32) in memory and writes them as ``.npz``.
 NPZ_MAX_BYTES = 64 * 2**20
 COMBINES = ("mean", "max")
+DEFAULT_FORMATS = ("png", "scores")
 
 
 @dataclass
@@ -88,6 +91,12 @@ class HeatmapOptions:
         scores_dtype: "float32" or "float16" (zarr).
         preview_size: the longest side of the previews.
         runtime: "auto", "torch" or "onnxruntime".
+        formats: what to write (``viewers.FORMATS``): "png" (heatmaps and class panels), "scores" (always: the
+            map the other outputs and ``--resume`` read), "geojson" (QuPath annotations), "ome-tiff" (a pyramidal
+            overlay per drawn class); a tuple or a comma list.
+        min_score: GeoJSON regions keep only cells whose top probability is at least this (None: all).
+        scores_levels: add 2× downsampled copies of a zarr map (down to ≤ 1024 cells) listed in its OME-NGFF
+            ``multiscales``, so viewers open huge maps quickly.
     """
 
     outdir: Path
@@ -117,6 +126,9 @@ class HeatmapOptions:
     scores_dtype: str = "float32"
     preview_size: int = 4096
     runtime: str = "auto"
+    formats: tuple | str = DEFAULT_FORMATS
+    min_score: float | None = None
+    scores_levels: bool = False
 
     def validate(self) -> None:
         """Raise ``InputError`` for option values that can never work (before any image is read)."""
@@ -149,6 +161,7 @@ class HeatmapOptions:
             if not ok:
                 raise InputError(message, hint=hint)
         self._validate_range()
+        self._validate_formats()
         parse_tile(self.tile)
         if self.max_memory is not None:
             parse_memory(self.max_memory)
@@ -157,6 +170,21 @@ class HeatmapOptions:
             if self.scores == "zarr":
                 raise InputError("--scales combines maps held in memory, not --scores zarr",
                                  hint="drop --scores zarr, or compute one resolution with --level/--mpp")
+
+    def _validate_formats(self) -> None:
+        self.formats = viewers.parse_formats(self.formats)
+        unknown = [f for f in self.formats if f not in viewers.FORMATS]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], viewers.FORMATS, n=1)
+            raise InputError(f"--formats: unknown format {unknown[0]!r}",
+                             hint=(f"did you mean {close[0]}? " if close else "")
+                             + f"choose from {', '.join(viewers.FORMATS)}, e.g. --formats png,scores,geojson")
+        if "scores" not in self.formats:
+            raise InputError(f"--formats {','.join(self.formats)} leaves out scores",
+                             hint="the score store is what the other outputs and --resume are made from; "
+                                  f"e.g. --formats {','.join(dict.fromkeys([*self.formats, 'scores']))}")
+        if self.min_score is not None and not 0.0 <= float(self.min_score) <= 1.0:  # also refuses NaN
+            raise InputError(f"--min-score {self.min_score} is not between 0 and 1", hint="e.g. --min-score 0.5")
 
     def _validate_range(self) -> None:
         if self.normalize and (self.vmin is not None or self.vmax is not None):
@@ -321,23 +349,33 @@ def _stem(path: Path) -> str:
 
 
 def expected_outputs(stem: str, outdir: Path, classes: Sequence[int], labels: Sequence[str],
-                     scores_format: str) -> dict[str, Path]:
-    """The files an image gets (heatmaps first, keyed as in ``SummaryRow.outputs``' order)."""
+                     scores_format: str, formats: Sequence[str] = DEFAULT_FORMATS) -> dict[str, Path]:
+    """The files an image gets (heatmaps first, keyed as in ``SummaryRow.outputs``' order, scores last):
+    ``heatmap[:<class>]`` and ``classes`` (png), ``ome-tiff[:<class>]``, ``geojson``, ``scores``."""
     base = Path(outdir) / Path(stem)
     chosen = list(classes) or [None]
     targets: dict[str, Path] = {}
     used_names: set[str] = set()
+    heatmaps: list[tuple[str, str]] = []  # (key suffix, file name part) per drawn class
     for k in chosen:
         if len(chosen) == 1:
-            targets["heatmap"] = base.with_name(base.name + ".heatmap.png")
+            heatmaps.append(("", ".heatmap"))
             continue
         label = str(labels[k])
         name = _safe_name(label)
         if name in used_names:
             name = f"{name}_{k}"
         used_names.add(name)
-        targets[f"heatmap:{label}"] = base.with_name(f"{base.name}.heatmap.{name}.png")
-    targets["classes"] = base.with_name(base.name + ".classes.png")
+        heatmaps.append((f":{label}", f".heatmap.{name}"))
+    if "png" in formats:
+        for key, part in heatmaps:
+            targets[f"heatmap{key}"] = base.with_name(f"{base.name}{part}.png")
+        targets["classes"] = base.with_name(base.name + ".classes.png")
+    if "ome-tiff" in formats:
+        for key, part in heatmaps:
+            targets[f"ome-tiff{key}"] = base.with_name(f"{base.name}{part}.ome.tif")
+    if "geojson" in formats:
+        targets["geojson"] = base.with_name(base.name + ".geojson")
     targets["scores"] = base.with_name(f"{base.name}.scores.{scores_format}")
     return targets
 
@@ -549,7 +587,7 @@ def _run_image(path: str, stem: str, job: ImageJob, resume: bool,
         tiles = plan.plan_tiles(job.fcn, job.geometry, model.in_chans, view.size, cells)
         fmt = "npz" if options.scales else choose_scores_format(options.scores, source, tiles.map_size,
                                                                    len(model.labels))
-        targets = expected_outputs(stem, outdir, job.classes, model.labels, fmt)
+        targets = expected_outputs(stem, outdir, job.classes, model.labels, fmt, options.formats)
         info = dict(level=view.level, downsample=float(view.downsample[0]),
                     mpp=float(view.mpp[0]) if view.mpp else None, scores_format=fmt,
                     preprocessing=model.preprocessing)
@@ -580,7 +618,11 @@ def _run_image(path: str, stem: str, job: ImageJob, resume: bool,
                                       else float("nan"), *centres[k]) for k in top)
         staged = sinks.Staged(options.overwrite)
         try:
-            _write_previews(staged, view, scores, view_geometry, targets, draw, top, peaks, centres, job)
+            ranges = _ranges(options, peaks, {*draw, *top})
+            if "png" in options.formats:
+                _write_previews(staged, view, scores, view_geometry, targets, draw, top, peaks, ranges, centres,
+                                job)
+            _write_viewers(staged, scores, attrs, targets, draw, ranges, tuple(source.size), options)
             if mask is not None:
                 target = outdir / Path(stem).with_name(Path(stem).name + ".mask.png")
                 tmp = staged.path(target)
@@ -593,7 +635,8 @@ def _run_image(path: str, stem: str, job: ImageJob, resume: bool,
                        "row": {"padded": tiles.canvas != tuple(view.size),
                                "outputs": [os.path.relpath(o, outdir) for o in outputs], **info}}
             if fmt == "zarr":
-                staged.folder(sink.finish(sinks.status_grid(tiles, computed), summary), targets["scores"])
+                staged.folder(sink.finish(sinks.status_grid(tiles, computed), summary, options.scores_levels),
+                              targets["scores"])
             else:
                 tmp = staged.path(targets["scores"])
                 sinks.write_npz(tmp, scores, attrs, summary)
@@ -711,7 +754,27 @@ def _centre(peaks, k: int, geometry, downsample) -> tuple[float, float]:
             (geometry.offset[1] + j * geometry.stride[1] + geometry.window[1] / 2) * downsample[1])
 
 
-def _write_previews(staged, view, scores, geometry, targets, draw, top, peaks, centres, job: ImageJob) -> None:
+def _ranges(options: HeatmapOptions, peaks, classes) -> dict:
+    """What the colormap's ends stand for per class; --normalize: each class's own computed min and max,
+    tracked tile by tile as the map was written."""
+    return {k: colour_range(options.vmin, options.vmax, options.normalize, float(peaks.minima[k]),
+                            float(peaks.values[k])) for k in classes}
+
+
+def _write_viewers(staged, scores, attrs: sinks.MapAttrs, targets, draw, ranges, size0, options) -> None:
+    """The GeoJSON annotations and the OME-TIFF overlays (``viewers``), from the map band by band."""
+    described = attrs.to_json()
+    if "geojson" in targets:
+        viewers.write_geojson(staged.path(targets["geojson"]), scores, described, options.min_score)
+    overlays = [t for key, t in targets.items() if key.startswith("ome-tiff")]
+    if overlays:
+        lut = colour_lut(options.cmap)
+        for k, target in zip(draw, overlays, strict=True):
+            viewers.write_ome_tiff(staged.path(target), scores, described, k, size0, lut, options.alpha, ranges[k])
+
+
+def _write_previews(staged, view, scores, geometry, targets, draw, top, peaks, ranges, centres,
+                    job: ImageJob) -> None:
     """Overlays and class panels over the whole image at level 0 (capped at ``preview_size``), whatever level or
     scale the map was computed at: they lie on the input pixel for pixel."""
     options = job.options
@@ -727,9 +790,6 @@ def _write_previews(staged, view, scores, geometry, targets, draw, top, peaks, c
         del thumb
     dy, dx = view.downsample
     level0 = _ViewGeometry(*((v[0] * dy, v[1] * dx) for v in (geometry.stride, geometry.offset, geometry.window)))
-    # --normalize: each class's own computed min and max, tracked tile by tile as the map was written.
-    ranges = {k: colour_range(options.vmin, options.vmax, options.normalize, float(peaks.minima[k]),
-                              float(peaks.values[k])) for k in {*draw, *top}}
     if options.normalize and any(ranges[k].mode != "per-map" for k in draw):
         _logger.info("--normalize: a drawn class has no computed cell; its legend keeps 0–1")
     previews = render_previews(scores, level0, picture, size0, draw, top, options.cmap, options.alpha,

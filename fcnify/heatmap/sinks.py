@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -30,6 +31,7 @@ import zarr
 from fcnify.atomic import temp_beside
 from fcnify.errors import OutputError
 from fcnify.heatmap.plan import Tile, TilePlan
+from fcnify.heatmap.viewers import ngff_attrs, write_ngff_levels
 
 __all__ = ["ArraySink", "SCORE_DTYPES", "Staged", "ZarrSink", "open_scores", "partial_path", "read_store_attrs",
            "write_npz"]
@@ -40,6 +42,8 @@ SCORE_DTYPES = ("float32", "float16")
 DONE_LOG = "fcnify-done.log"
 #: The second part of every output name, ``<stem>.<kind>…``.
 OUTPUT_KINDS = ("heatmap", "classes", "scores", "mask")
+#: Outputs whose temporaries are ``.<stem>.XXXXXXXX.tmp<suffix>`` (``atomic.temp_beside`` of ``<stem><suffix>``).
+STEM_SUFFIXES = (".geojson",)
 PARTIAL_SUFFIX = ".partial"
 
 
@@ -218,8 +222,10 @@ class ZarrSink:
             if self.folder.exists():
                 shutil.rmtree(self.folder)
             group = zarr.open_group(str(self.folder), mode="w", zarr_format=3)
+            # The "ome" attributes (OME-NGFF multiscales) let napari and ome-zarr readers place the map on the slide.
             group.attrs.update({**attrs.to_json(), "complete": False, "run": key,
-                                "tile_grid": list(plan.grid), "tile_cells": list(plan.cells)})
+                                "tile_grid": list(plan.grid), "tile_cells": list(plan.cells),
+                                **ngff_attrs(attrs.to_json())})
             group.create_array(
                 "scores", shape=(len(attrs.labels), *plan.map_size), chunks=(len(attrs.labels), *plan.cells),
                 dtype=dtype, fill_value=np.nan, dimension_names=("class", "y", "x"),
@@ -256,11 +262,18 @@ class ZarrSink:
         self._log.flush()
         self.done.add(index)
 
-    def finish(self, status: np.ndarray, summary: dict) -> Path:
-        """Mark the store complete (tile status grid: 1 computed, 2 background) and return its folder."""
+    def finish(self, status: np.ndarray, summary: dict, levels: bool = False) -> Path:
+        """Mark the store complete (tile status grid: 1 computed, 2 background) and return its folder.
+
+        Args:
+            levels: also write 2× downsampled copies of the map for NGFF viewers (``scores_1``, …).
+        """
         self._log.close()
         self.group.create_array("tiles", data=status.astype(np.uint8), chunks=status.shape,
                                 dimension_names=("tile_row", "tile_col"))
+        if levels:
+            count = write_ngff_levels(self.group)
+            self.group.attrs.update(ngff_attrs(dict(self.group.attrs), levels=count))
         self.group.attrs.update({"complete": True, **summary})
         (self.folder / DONE_LOG).unlink(missing_ok=True)
         return self.folder
@@ -300,7 +313,11 @@ def remove_stale(outdir: Path, stem: str, keep_partial: bool) -> None:
         return
     # Only this stem's own outputs: "a" must not touch the temporaries of an image named "a.b".
     prefixes = tuple(f".{base.name}.{kind}" for kind in OUTPUT_KINDS)
+    beside = re.compile(rf"\.{re.escape(base.name)}\.[a-z0-9_]{{8}}\.tmp({'|'.join(map(re.escape, STEM_SUFFIXES))})$")
     for entry in folder.iterdir():
+        if beside.match(entry.name) and entry.is_file():
+            entry.unlink(missing_ok=True)
+            continue
         if not entry.name.startswith(prefixes):
             continue
         if entry.name.endswith(PARTIAL_SUFFIX):
