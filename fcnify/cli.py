@@ -19,10 +19,24 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from fcnify import __version__
+from fcnify.convert import convert as convert_model
 from fcnify.errors import FcnifyError, InputError, InternalError, NotEquivalentError, OutputError, first_line
+from fcnify.export import ModelMetadata, save_pt2
+from fcnify.heatmap.multiscale import parse_scales
+from fcnify.heatmap.pipeline import HeatmapOptions
+from fcnify.heatmap.ray_engine import RayOptions, require_ray
+from fcnify.heatmap.runners import ENGINES, run_job
+from fcnify.images import fit_to_window, prepare, read_image
+from fcnify.inputs import expand_inputs, read_manifest
+from fcnify.models import apply_preprocessing, load_model, require_input_size
+from fcnify.onnx_export import export_onnx
+from fcnify.verify import verify as run_verify
+from fcnify.verify import verify_converted
 
 app = typer.Typer(
     name="fcnify", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -46,7 +60,6 @@ def _logging(
 
 
 def _fail(exc: FcnifyError) -> typer.Exit:
-    from rich.markup import escape  # messages hold paths and hints like "pip install 'fcnify[ray]'"
 
     message = f"[bold red]error:[/] {escape(exc.message)}"
     if exc.hint:
@@ -115,7 +128,6 @@ class _Preprocessing:
 
 def _load(model: str | None, weights: str, arch: str | None, input_size: str | None, trust: bool,
           preprocessing: _Preprocessing = _Preprocessing(), note: bool = True):
-    from fcnify.models import apply_preprocessing, load_model
 
     loaded = load_model(model or "digits", weights=weights, arch=arch, input_size=input_size, trust_model=trust)
     loaded = apply_preprocessing(loaded, **vars(preprocessing))
@@ -128,14 +140,11 @@ def _load(model: str | None, weights: str, arch: str | None, input_size: str | N
 
 
 def _convert(loaded):
-    from fcnify.convert import convert
-    from fcnify.models import require_input_size
 
-    return convert(loaded.module, require_input_size(loaded), in_chans=loaded.in_chans)
+    return convert_model(loaded.module, require_input_size(loaded), in_chans=loaded.in_chans)
 
 
 def _metadata(loaded, fcn):
-    from fcnify.export import ModelMetadata
 
     return ModelMetadata(tuple(fcn.input_size), fcn.in_chans, tuple(loaded.mean), tuple(loaded.std),
                          tuple(loaded.labels), fcn.geometry, loaded.source,
@@ -197,8 +206,6 @@ def convert(
     as_json: JsonOpt = False,
 ):
     """Rewrite MODEL into a fully-convolutional network, verify it, and save it as a standalone .pt2."""
-    from fcnify.export import save_pt2
-    from fcnify.verify import verify
 
     loaded = _load(model, weights, arch, input_size, trust_model, _Preprocessing(mean, std, labels, in_chans))
     if loaded.converted:
@@ -208,7 +215,7 @@ def convert(
         if path is not None and path.exists() and not force:
             raise OutputError(f"{path} already exists", hint="pass --force to overwrite it, or choose another path")
     fcn = _convert(loaded)
-    report = verify(loaded.module, fcn, dense_cells=0)
+    report = run_verify(loaded.module, fcn, dense_cells=0)
     if not report.passed:
         raise NotEquivalentError(
             f"the converted network differs from the original by {report.strict.max_rel_error:.2e} (relative) "
@@ -221,7 +228,6 @@ def convert(
               "geometry": fcn.geometry.to_dict(), "verification": report.to_dict(),
               "rewrites": [vars(r) for r in fcn.rewrites]}
     if onnx is not None:
-        from fcnify.onnx_export import export_onnx
 
         onnx_report = export_onnx(fcn, metadata, onnx, force=force)
         result["onnx"] = {"output": str(onnx), **onnx_report.to_dict()}
@@ -246,7 +252,6 @@ def convert(
 
 
 def _training_size_images(paths: list[Path], loaded, size) -> list:
-    from fcnify.images import fit_to_window, prepare, read_image
 
     return [prepare(fit_to_window(read_image(p), size), loaded.in_chans, loaded.mean, loaded.std).tensor
             for p in paths]
@@ -277,7 +282,6 @@ def verify(
 
     With no MODEL, verifies the embedded digits model. Exit 0 when within tolerance, 3 when not.
     """
-    from fcnify.verify import verify as run_verify
 
     # Random inputs need no normalisation; --image does, so the note only matters with images.
     loaded = _load(model, weights, arch, input_size, trust_model, _Preprocessing(mean, std, labels, in_chans),
@@ -286,7 +290,6 @@ def verify(
         if against is None:
             raise InputError(f"{model} is already converted: there is no original to compare with",
                               hint="pass --against MODEL with the spec it was converted from")
-        from fcnify.verify import verify_converted
 
         original = _load(against, weights, arch, input_size or "x".join(map(str, loaded.input_size)), trust_model,
                          _Preprocessing(in_chans=in_chans), note=False)
@@ -421,11 +424,6 @@ def heatmap(
     as_json: JsonOpt = False,
 ):
     """Compute dense class score maps and heatmaps for images and slides, tile by tile in bounded memory."""
-    from fcnify.heatmap.multiscale import parse_scales
-    from fcnify.heatmap.pipeline import HeatmapOptions
-    from fcnify.heatmap.ray_engine import RayOptions
-    from fcnify.heatmap.runners import ENGINES, run_job
-    from fcnify.inputs import expand_inputs, read_manifest
 
     items = list(images or [])
     paths = expand_inputs(items) if items else []
@@ -447,7 +445,6 @@ def heatmap(
     ray_options = RayOptions(address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker,
                              cpus_per_worker=cpus_per_worker)
     if engine == "ray":
-        from fcnify.heatmap.ray_engine import require_ray
 
         require_ray()  # before loading and converting the model
     loaded = _load(model, weights, arch, input_size, trust_model, _Preprocessing(mean, std, labels, in_chans))
@@ -466,7 +463,6 @@ def heatmap(
     if as_json or engine == "ray":  # Ray Data shows its own progress bars
         result = run_job(paths, fcn, geometry, loaded, options, **job)
     else:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeRemainingColumn(), console=err_console, transient=True) as progress:

@@ -14,8 +14,12 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from fcnify.errors import InputError, first_line
+from fcnify.convert import FullyConvolutionalNet
+from fcnify.convert.dilate import dilate
+from fcnify.convert.from_export import exported_input_shape, rebuild_modules
+from fcnify.errors import FcnifyError, InputError, first_line
 from fcnify.heatmap.scoremap import ScoreMap, check_class_count
+from fcnify.images import PreparedImage
 
 __all__ = ["PRECISIONS", "ScoreMap", "check_precision", "place_model", "score_map", "score_maps", "select_device",
            "with_output_stride"]
@@ -131,7 +135,6 @@ def _forward(fcn: nn.Module, batch: torch.Tensor, device: torch.device, dtype: t
 
 
 def _as_prepared(item):
-    from fcnify.images import PreparedImage
 
     if isinstance(item, PreparedImage):
         return item
@@ -204,7 +207,6 @@ def score_maps(fcn: nn.Module, images: Sequence, geometry, labels: Sequence[str]
 
 def _guarded(run: Callable[[], torch.Tensor], shape, images: int = 1) -> torch.Tensor:
     """Run a forward pass, turning out-of-memory and network failures into one-line ``InputError``s."""
-    from fcnify.errors import FcnifyError
 
     try:
         return run()
@@ -241,8 +243,6 @@ def with_output_stride(fcn: nn.Module, geometry, output_stride: int | None):
     """
     if output_stride is None or all(int(output_stride) == s for s in geometry.stride):
         return fcn, geometry
-    from fcnify.convert import FullyConvolutionalNet
-    from fcnify.convert.dilate import dilate
 
     if isinstance(fcn, torch.fx.GraphModule) and not isinstance(fcn, FullyConvolutionalNet):
         fcn = _exported_fcn(fcn, geometry)
@@ -262,8 +262,6 @@ def _exported_fcn(gm: torch.fx.GraphModule, geometry):
 
     The rebuilt network is cached on ``gm``, so one loaded file is rebuilt (and dilated) once.
     """
-    from fcnify.convert import FullyConvolutionalNet
-    from fcnify.convert.from_export import exported_input_shape, rebuild_modules
 
     if "_fcnify_rebuilt" not in gm.__dict__:
         in_chans = (exported_input_shape(gm) or (None,))[0]

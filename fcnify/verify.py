@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from fcnify.convert import FullyConvolutionalNet
+from fcnify.convert import FullyConvolutionalNet, parse_input_size
+from fcnify.onnx_export import verify_onnx
 
 _logger = logging.getLogger(__name__)
 
@@ -207,7 +208,6 @@ def verify(model: nn.Module, fcn: FullyConvolutionalNet, input_size=None, sample
         device: also report figures on this device (e.g. "cuda").
         dense_cells: cells to check against crops (0 skips the dense check).
     """
-    from fcnify.convert import parse_input_size
 
     size = parse_input_size(input_size) if input_size is not None else fcn.input_size
     strict, others = check_training_size(model, fcn, size, fcn.in_chans, samples, images, device, seed)
@@ -228,7 +228,6 @@ def verify_converted(original: nn.Module, converted: nn.Module, input_size, in_c
     strict, others = check_training_size(original, converted, tuple(input_size), in_chans, samples, seed=seed)
     runtime = []
     if onnx_path is not None:
-        from fcnify.onnx_export import verify_onnx
 
         # onnxruntime computes in float32 whatever it is given: the float32 figures are the gate.
         strict, others = others[0], []

@@ -24,6 +24,8 @@ from fcnify.dense import _forward, _guarded, check_precision, place_model, selec
 from fcnify.errors import InputError, InternalError
 from fcnify.heatmap.plan import ForegroundMask, NetworkBounds, Tile, TilePlan
 from fcnify.heatmap.scoremap import check_class_count
+from fcnify.onnx_export import export_onnx
+from fcnify.onnx_runtime import OnnxNet
 
 __all__ = ["RUNTIMES", "PeakTracker", "TileNetwork", "choose_runtime", "compute_tiles", "onnx_twin", "read_tiles",
            "to_model_input"]
@@ -120,9 +122,6 @@ def onnx_twin(fcn: nn.Module, metadata) -> nn.Module:
     Raises:
         ExportError, NotEquivalentError: the export or its equivalence check failed.
     """
-    # ONNX export and onnxruntime are heavy, optional-feeling imports: load them only when asked for.
-    from fcnify.onnx_export import export_onnx
-    from fcnify.onnx_runtime import OnnxNet
 
     with tempfile.TemporaryDirectory(prefix="fcnify-onnx-") as tmp:
         path = Path(tmp) / "model.onnx"

@@ -28,9 +28,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import tifffile
+import zarr
 
 from fcnify.heatmap.legend import ColourRange
 from fcnify.heatmap.previews import _Axis, _bilinear
+from fcnify.heatmap.render import label_colours
 
 __all__ = ["FORMATS", "background_classes", "level_path", "ngff_attrs", "write_ngff_levels", "overlay_levels", "parse_formats", "polygonize",
            "write_geojson", "write_ome_tiff"]
@@ -112,6 +115,7 @@ class Region:
 
 def _band_regions(block: np.ndarray, first: int, skip: set[int], min_score: float | None) -> list[Region]:
     """The 4-connected regions of each class's argmax cells in ``block`` (K×R×W, map rows from ``first``)."""
+    # rasterio and shapely load GDAL and GEOS: only runs asked for --formats geojson pay for them.
     import shapely
     from rasterio import features
 
@@ -234,8 +238,6 @@ def write_geojson(path: Path, scores, attrs: dict, min_score: float | None = Non
     Returns:
         class name → number of regions written.
     """
-    from fcnify.heatmap.render import label_colours
-
     labels = [str(v) for v in attrs["labels"]]
     geometry, mpp = Geometry.of(attrs), level0_mpp(attrs)
     colours = label_colours(len(labels))
@@ -354,7 +356,6 @@ def write_ome_tiff(path: Path, scores, attrs: dict, k: int, image_size: tuple[in
     Returns:
         the number of pyramid levels written.
     """
-    import tifffile
 
     geometry, mpp = Geometry.of(attrs), level0_mpp(attrs)
     colours = colours or ColourRange()
@@ -418,7 +419,6 @@ def level_path(dataset: str, level: int) -> str:
 def write_ngff_levels(group, dataset: str = "scores", smallest: int = SMALLEST_LEVEL) -> int:
     """Add 2× downsampled copies of ``group[dataset]`` (NaN-aware means of 2×2 cells) until the longest side is
     at most ``smallest``, each written band by band from the one above; return the number of levels in all."""
-    import zarr
 
     source = group[dataset]
     level = 0
