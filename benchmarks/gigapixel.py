@@ -419,7 +419,7 @@ def _r50_lines(L, r, p, goals) -> None:
     flags = " ".join(r["flags"])
     L += [f"### ResNet-50 on a {r['size']}² slide", "",
           f"`fcnify heatmap slide.svs {flags}` on a slide written with density {r['density']} "
-          f"(mostly background). As the CLI plans it (default 768 MB tile budget): {p['tile_side']} px tiles, "
+          f"(mostly background). As the CLI plans it (default 640 MB tile budget): {p['tile_side']} px tiles, "
           f"{p['computed']} of {p['tiles']} with foreground ({p['pixels'] / 1e6:.0f} Mpx through the network, halos "
           f"included); projected {p['projected_s'] / 60:.1f} min in PyTorch from a timed 1024² pass"
           + (f" — over the {R50_BUDGET_S // 60} min cap, so the run computes at `--mpp 1.0` (level 1 resampled: "

@@ -399,7 +399,7 @@ def heatmap(
     tile: Annotated[str | None, typer.Option(
         "--tile", help="Tile size in px (768 or 768x1024) or 'auto' (default: from --max-memory).")] = None,
     max_memory: Annotated[str | None, typer.Option(
-        "--max-memory", help="Memory for a tile's working set, e.g. 2GB (default 768MB).")] = None,
+        "--max-memory", help="Memory for a tile's working set, e.g. 2GB (default 640MB).")] = None,
     output_stride: Annotated[int | None, typer.Option(
         "--output-stride", min=1, help="Finer map: a divisor of the network's stride (dilation rewrite).")] = None,
     scales: Annotated[str | None, typer.Option(

@@ -80,7 +80,7 @@ class HeatmapOptions:
         overwrite: replace existing outputs (otherwise an existing output is an ``OutputError``).
         dpi: resolution of ``<stem>.classes.png``.
         tile: None or "auto" (from ``max_memory``), or a tile size in input pixels (768 or "768x1024").
-        max_memory: the budget for a tile's working set ("2GB"; default 768 MB).
+        max_memory: the budget for a tile's working set ("2GB"; default 640 MB).
         output_stride: a finer output stride dividing the network's (dilation rewrite), None: native.
         scales: an image pyramid (e.g. (0.5, 1, 2)), combined on the grid of scale 1 (maps in memory only).
         combine: "mean" or "max" of the scales' probabilities.
