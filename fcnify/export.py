@@ -183,6 +183,19 @@ class Pt2Inspection:
         return not self.unsafe_entries
 
 
+def _tensor_configs(archive: zipfile.ZipFile, name: str) -> list[tuple[str, dict]]:
+    """The (key, entry) pairs of a weights/constants config in a ``.pt2``; a damaged one is a ModelLoadError."""
+    try:
+        config = json.loads(archive.read(name))
+        entries = config.get("config", {})
+        if isinstance(entries, dict) and all(isinstance(v, dict) for v in entries.values()):
+            return list(entries.items())
+    except (ValueError, AttributeError, zipfile.BadZipFile, OSError):
+        pass
+    raise ModelLoadError(f"the .pt2 file is damaged: its entry {name} is not a valid tensor index",
+                         hint="re-create it with 'fcnify convert' (or torch.export.save)")
+
+
 def inspect_pt2(data: bytes) -> Pt2Inspection:
     """Find the entries of a ``.pt2`` that ``torch.export.load`` would unpickle unsafely or run as code."""
     try:
@@ -200,8 +213,7 @@ def inspect_pt2(data: bytes) -> Pt2Inspection:
         elif rel.startswith(("data/constants/custom_obj", "data/constants/opaque_obj")):
             unsafe.append(f"{name} (pickled object)")
         elif rel.endswith("_config.json") and rel.startswith(("data/weights/", "data/constants/")):
-            config = json.loads(archive.read(name))
-            for key, meta in config.get("config", {}).items():
+            for key, meta in _tensor_configs(archive, name):
                 if meta.get("use_pickle"):
                     unsafe.append(f"{name}: {key} (pickled with use_pickle)")
         elif rel.startswith("data/sample_inputs/"):

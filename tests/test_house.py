@@ -17,6 +17,7 @@ import fcnify.cli as cli
 from fcnify.convert import convert
 from fcnify.errors import MissingDependencyError, ModelLoadError
 from fcnify.export import ModelMetadata
+from fcnify.models import load_model
 from fcnify.optional import require
 from fcnify.verify import verify
 
@@ -121,3 +122,17 @@ def test_malformed_metadata_in_files_through_the_cli(tmp_path):
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and fragment in lines[0] and "malformed" in lines[0], lines
         assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("damage", [b"{not json", b"[1, 2]", b'{"config": {"w": 3}}'])
+def test_a_damaged_pt2_index_is_one_error_before_anything_loads(tmp_path, damage):
+    """The trusted-file check reads the archive's tensor indexes itself: damaged ones are a ModelLoadError."""
+    good = tmp_path / "good.pt2"
+    assert CliRunner().invoke(cli.app, ["convert", "digits", "-o", str(good)]).exit_code == 0
+    bad = tmp_path / "bad.pt2"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(bad, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            dst.writestr(info, damage if info.filename.endswith("data/weights/model_weights_config.json") else data)
+    with pytest.raises(ModelLoadError, match="damaged: its entry .*model_weights_config.json"):
+        load_model(str(bad))

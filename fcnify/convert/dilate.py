@@ -27,7 +27,7 @@ import copy
 import dataclasses
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -38,7 +38,7 @@ from torch import nn
 from fcnify.convert.analysis import analyse
 from fcnify.convert.geometry import _is_opaque
 from fcnify.convert.network import FullyConvolutionalNet
-from fcnify.convert.ops import node_arg, op_name, pair
+from fcnify.convert.ops import WindowParams, node_arg, op_name, pair, window_params
 from fcnify.convert.rules import Rewrite
 from fcnify.convert.trace import propagate_shapes, shape_of
 from fcnify.errors import ConversionError, first_line
@@ -99,27 +99,6 @@ def _has_window(module: nn.Module) -> bool:
                 isinstance(sub, nn.Conv2d) and sub.kernel_size == (1, 1) and sub.stride == (1, 1)):
             return True
     return False
-
-
-@dataclass(frozen=True)
-class WindowOp:
-    """A convolution or pool as the rewrite sees it: its window and what else changes its output."""
-
-    kernel: tuple[int, int]
-    stride: tuple[int, int]
-    padding: tuple[int, int] | str  # 'same' / 'valid' as given to a convolution
-    dilation: tuple[int, int]
-    extra: dict = field(default_factory=dict, compare=False)  # ceil_mode, padding_mode, count_include_pad, …
-
-    @property
-    def ceil_mode(self) -> bool:
-        return bool(self.extra.get("ceil_mode"))
-
-    def native(self) -> NativeWindow:
-        """The original window with explicit padding, as the graph's fitting functions need it."""
-        padding = self.padding if not isinstance(self.padding, str) else \
-            _string_padding(self.padding, self.kernel, self.dilation)
-        return NativeWindow(self.kernel, self.stride, padding, self.dilation, self.ceil_mode)
 
 
 class NativeWindow(NamedTuple):
@@ -261,7 +240,7 @@ class _DilationPass:
         x_in = node.args[0]
         new = _edit_window_op(self.gm, node, name, module, self.uses, op.kernel, new_stride, new_pad, new_dil,
                               op.extra)
-        new = _fit_node(self.gm, new, x_in, op.native(), d_in, d_out, new_stride, new_pad, new_dil)
+        new = _fit_node(self.gm, new, x_in, _native(op), d_in, d_out, new_stride, new_pad, new_dil)
         if new is not node:
             self.grid[new] = self.grid[node]
             self.info[new] = self.info[node]
@@ -325,44 +304,17 @@ def _resolution_factor(in_shape, in_dims, out_shape, out_dims):
     return tuple(factors)
 
 
-def _window_params(node, name, module) -> WindowOp:
-    """The window of a conv or pool node, from its module or its call's arguments."""
-    if module is not None:
-        k = pair(module.kernel_size)
-        st = pair(module.stride if module.stride is not None else module.kernel_size)
-        d = pair(getattr(module, "dilation", 1))
-        p = module.padding
-        extra = {"module": True}
-        if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
-            extra["padding_mode"] = module.padding_mode
-        if isinstance(module, nn.AvgPool2d):
-            extra.update(ceil_mode=module.ceil_mode, count_include_pad=module.count_include_pad,
-                         divisor_override=module.divisor_override)
-        if isinstance(module, nn.MaxPool2d):
-            extra.update(ceil_mode=module.ceil_mode)
-        return WindowOp(k, st, p if isinstance(p, str) else pair(p), d, extra)
-    if name == "conv2d":
-        weight = node_arg(node, 1, "weight")
-        meta = weight.meta.get("tensor_meta") if isinstance(weight, torch.fx.Node) else None
-        if meta is None:
-            raise _refuse(node, "a convolution whose weight shape is unknown")
-        k = tuple(meta.shape[2:4])
-        st = pair(node_arg(node, 3, "stride", 1))
-        p = node_arg(node, 4, "padding", 0)
-        d = pair(node_arg(node, 5, "dilation", 1))
-        return WindowOp(k, st, p if isinstance(p, str) else pair(p), d, {})
-    args = [node_arg(node, i, n) for i, n in ((1, "kernel_size"), (2, "stride"), (3, "padding"))]
-    if any(isinstance(a, torch.fx.Node) for a in args):
-        raise _refuse(node, "a pool whose size is computed at run time")
-    k = pair(args[0])
-    st = pair(args[1] if args[1] not in (None, []) else args[0])
-    p = pair(args[2] or 0)
-    if name == "max_pool2d":
-        return WindowOp(k, st, p, pair(node_arg(node, 4, "dilation", 1)),
-                        {"ceil_mode": bool(node_arg(node, 5, "ceil_mode"))})
-    return WindowOp(k, st, p, (1, 1), {"ceil_mode": bool(node_arg(node, 4, "ceil_mode")),
-                                       "count_include_pad": node_arg(node, 5, "count_include_pad", True),
-                                       "divisor_override": node_arg(node, 6, "divisor_override")})
+def _window_params(node, name, module) -> WindowParams:
+    op = window_params(node, name, module)
+    if op is None:
+        raise _refuse(node, "a convolution whose weight shape is unknown" if name == "conv2d" else
+                      "a pool whose size is computed at run time")
+    return op
+
+
+def _native(op: WindowParams) -> NativeWindow:
+    """The original window with explicit padding, as the graph's fitting functions need it."""
+    return NativeWindow(op.kernel, op.stride, op.explicit_padding(), op.dilation, op.ceil_mode)
 
 
 def _scaled_padding(node, p, d_in, k):

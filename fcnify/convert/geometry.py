@@ -17,7 +17,7 @@ import torch.fx
 from torch import nn
 
 from fcnify.convert.analysis import Kind, analyse
-from fcnify.convert.ops import node_arg, op_name, pair
+from fcnify.convert.ops import node_arg, op_name, pair, window_params
 from fcnify.convert.trace import shape_of
 from fcnify.introspect import placement
 
@@ -112,36 +112,16 @@ class _Flags:
 
 def _window_params(node: torch.fx.Node, name: str, module: nn.Module | None, in_hw, flags: _Flags):
     """(kernel, stride, padding (top, left), dilation) of a conv or pool node, or None when unknown."""
-    if module is not None:
-        k, s = pair(module.kernel_size), pair(module.stride if module.stride is not None else module.kernel_size)
-        d = pair(getattr(module, "dilation", 1))
-        p = getattr(module, "padding", 0)
-        if type(module).__name__.endswith("Same"):  # timm Conv2dSame / MaxPool2dSame pad from the input size
-            flags.size_dependent_padding = True
-            p = tuple(
-                max((math.ceil(i / st) - 1) * st + (kk - 1) * dd + 1 - i, 0) // 2
-                for i, kk, st, dd in zip(in_hw, k, s, d)
-            )
+    op = window_params(node, name, module)
+    if op is None:
+        return None
+    k, s, d = op.kernel, op.stride, op.dilation
+    if module is not None and type(module).__name__.endswith("Same"):  # timm Conv2dSame / MaxPool2dSame
+        flags.size_dependent_padding = True  # they pad from the input size: the top/left share, here
+        p = tuple(max((math.ceil(i / st) - 1) * st + (kk - 1) * dd + 1 - i, 0) // 2
+                  for i, kk, st, dd in zip(in_hw, k, s, d))
     else:
-        args = [node_arg(node, i, n) for i, n in ((1, "kernel_size"), (2, "stride"), (3, "padding"))]
-        if name == "conv2d":
-            weight = node_arg(node, 1, "weight")
-            wshape = shape_of(weight) if isinstance(weight, torch.fx.Node) else None
-            if wshape is None:
-                return None
-            k = (wshape[2], wshape[3])
-            s, p, d = (pair(node_arg(node, i, n, 1 if n != "padding" else 0))
-                       for i, n in ((3, "stride"), (4, "padding"), (5, "dilation")))
-        else:
-            if any(isinstance(a, torch.fx.Node) for a in args):
-                return None
-            k = pair(args[0])
-            s = pair(args[1] if args[1] not in (None, []) else args[0])
-            p = pair(args[2] or 0)
-            d = pair(node_arg(node, 4, "dilation", 1)) if name == "max_pool2d" else (1, 1)
-    if isinstance(p, str):
-        p = tuple((dd * (kk - 1)) // 2 for kk, dd in zip(k, d)) if p == "same" else (0, 0)
-    p = pair(p)
+        p = pair(op.explicit_padding())
     if any(p):
         flags.padded = True
     return k, s, p, d

@@ -7,6 +7,7 @@ a method (``x.flatten``). These helpers give each node a canonical op name and r
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx
@@ -114,3 +115,65 @@ def pair(value) -> tuple[int, int]:
     if isinstance(value, (tuple, list)):
         return (int(value[0]), int(value[-1]))
     return (int(value), int(value))
+
+
+@dataclass(frozen=True)
+class WindowParams:
+    """A convolution's or pool's window, read from its module or its call's arguments."""
+
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int] | str  # a convolution's 'same' / 'valid' as given
+    dilation: tuple[int, int]
+    extra: dict = field(default_factory=dict, compare=False)  # ceil_mode, padding_mode, count_include_pad, …
+
+    @property
+    def ceil_mode(self) -> bool:
+        return bool(self.extra.get("ceil_mode"))
+
+    def explicit_padding(self) -> tuple[int, int]:
+        """The padding in pixels ('same': dilation × (kernel − 1) / 2 each side, rounded down; 'valid': 0)."""
+        if isinstance(self.padding, str):
+            if self.padding != "same":
+                return (0, 0)
+            return tuple(dd * (kk - 1) // 2 for kk, dd in zip(self.kernel, self.dilation))
+        return self.padding
+
+
+def window_params(node: torch.fx.Node, name: str, module: nn.Module | None) -> WindowParams | None:
+    """The window of a conv or pool node (``name`` from ``op_name``), or None when it is only known at run time
+    (a functional convolution whose weight shape was not propagated, a pool whose size is computed)."""
+    if module is not None:
+        k = pair(module.kernel_size)
+        st = pair(module.stride if getattr(module, "stride", None) is not None else module.kernel_size)
+        d = pair(getattr(module, "dilation", 1))
+        p = getattr(module, "padding", 0)
+        extra = {"module": True}
+        if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+            extra["padding_mode"] = module.padding_mode
+        if isinstance(module, nn.AvgPool2d):
+            extra.update(ceil_mode=module.ceil_mode, count_include_pad=module.count_include_pad,
+                         divisor_override=module.divisor_override)
+        if isinstance(module, nn.MaxPool2d):
+            extra.update(ceil_mode=module.ceil_mode)
+        return WindowParams(k, st, p if isinstance(p, str) else pair(p), d, extra)
+    if name == "conv2d":
+        weight = node_arg(node, 1, "weight")
+        meta = weight.meta.get("tensor_meta") if isinstance(weight, torch.fx.Node) else None
+        if meta is None:
+            return None
+        p = node_arg(node, 4, "padding", 0)
+        return WindowParams(tuple(meta.shape[2:4]), pair(node_arg(node, 3, "stride", 1)),
+                            p if isinstance(p, str) else pair(p), pair(node_arg(node, 5, "dilation", 1)), {})
+    args = [node_arg(node, i, n) for i, n in ((1, "kernel_size"), (2, "stride"), (3, "padding"))]
+    if any(isinstance(a, torch.fx.Node) for a in args):
+        return None
+    k = pair(args[0])
+    st = pair(args[1] if args[1] not in (None, []) else args[0])
+    p = pair(args[2] or 0)
+    if name == "max_pool2d":
+        return WindowParams(k, st, p, pair(node_arg(node, 4, "dilation", 1)),
+                            {"ceil_mode": bool(node_arg(node, 5, "ceil_mode"))})
+    return WindowParams(k, st, p, (1, 1), {"ceil_mode": bool(node_arg(node, 4, "ceil_mode")),
+                                           "count_include_pad": node_arg(node, 5, "count_include_pad", True),
+                                           "divisor_override": node_arg(node, 6, "divisor_override")})
