@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from fcnify.errors import InputError, first_line
+from fcnify.errors import InputError, describe, first_line
 
 __all__ = [
     "DEFAULT_MAX_PIXELS", "IMAGE_EXTENSIONS", "PreparedImage", "display_rgb", "fetch_uri", "is_image_path", "prepare",
@@ -145,8 +145,9 @@ def _open_and_load(source, path, limit: int) -> Image.Image:
         raise InputError(f"{path} is too large to decode in memory", hint="pass --scale or a smaller image") from exc
 
 
-def fetch_uri(uri: str) -> bytes:
-    """The bytes of a file any pyarrow filesystem reads (``s3://``, ``gs://``, ``hdfs://``, ``file://``…)."""
+def open_uri(uri: str):
+    """A random-access file (pyarrow ``NativeFile``) for a URI any pyarrow filesystem reads (``s3://``,
+    ``gs://``, ``hdfs://``, ``file://``…); one-line ``InputError`` for a missing file, a folder or a failure."""
     import pyarrow.fs  # lazy: heavy, and only URIs need it
 
     try:
@@ -156,14 +157,22 @@ def fetch_uri(uri: str) -> bytes:
             raise InputError(f"no such image: {uri}", hint="check the URI")
         if info.type == pyarrow.fs.FileType.Directory:
             raise InputError(f"{uri} is a folder, not an image", hint="list its images in a --manifest")
-        with fs.open_input_file(inner) as f:
-            return f.read()
+        return fs.open_input_file(inner)
     except InputError:
         raise
     except Exception as exc:  # pyarrow raises OSError, ArrowInvalid (ValueError), ArrowNotImplementedError…
-        detail = first_line(exc, 200)
-        raise InputError(f"cannot read {uri}: {type(exc).__name__}: {detail}",
+        raise InputError(f"cannot read {uri}: {describe(exc, 200)}",
                          hint="check the URI and the credentials pyarrow uses for its filesystem") from exc
+
+
+def fetch_uri(uri: str) -> bytes:
+    """The bytes of a file any pyarrow filesystem reads (``s3://``, ``gs://``, ``hdfs://``, ``file://``…)."""
+    with open_uri(uri) as f:
+        try:
+            return f.read()
+        except OSError as exc:
+            raise InputError(f"cannot read {uri}: {describe(exc, 200)}",
+                             hint="check the URI and the credentials pyarrow uses for its filesystem") from exc
 
 
 def read_any(source: str | os.PathLike, max_pixels: int | None = None):

@@ -136,3 +136,14 @@ def test_a_damaged_pt2_index_is_one_error_before_anything_loads(tmp_path, damage
             dst.writestr(info, damage if info.filename.endswith("data/weights/model_weights_config.json") else data)
     with pytest.raises(ModelLoadError, match="damaged: its entry .*model_weights_config.json"):
         load_model(str(bad))
+
+
+def test_an_unsafe_pickle_is_one_line_without_library_warnings(tmp_path, monkeypatch):
+    """Refusing a pickled module prints the refusal and its hint only: no warning lines from torch.load."""
+    torch.save(FlattenStyleNet(), tmp_path / "whole.pt")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli.app, ["convert", "whole.pt", "--input-size", "20x24"])
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--trust-model" in lines[0] and "would run code" in lines[0], lines
+    assert "Unpickler" not in result.output and "Warning" not in result.output

@@ -152,7 +152,7 @@ class PillowSource(ImageSource):
     def __init__(self, path: str, max_pixels: int | None = None):
         self.path = str(path)
         if "://" in self.path:
-            with _open_uri(self.path) as f:
+            with images.open_uri(self.path) as f:
                 image = images.read_image_bytes(f.read(), self.path, max_pixels)
         else:
             image = images.read_image(self.path, max_pixels)
@@ -204,7 +204,7 @@ class TiffSource(ImageSource):
         self._scale: float | None = None
         try:
             if "://" in self.path:
-                self._handle = _open_uri(self.path)
+                self._handle = images.open_uri(self.path)
                 self._tif = tifffile.TiffFile(self._handle, name=self.path)
             else:
                 self._tif = tifffile.TiffFile(self.path)
@@ -548,28 +548,9 @@ def _import_openslide(path: str):
     return require("openslide", "openslide", f"read {Path(path).name} (whole-slide formats such as MIRAX or VMS)")
 
 
-def _open_uri(uri: str):
-    """A random-access file (pyarrow) for a URI any pyarrow filesystem reads (s3://, gs://, file://…)."""
-    import pyarrow.fs  # lazy: heavy, and only URIs need it
-
-    try:
-        fs, inner = pyarrow.fs.FileSystem.from_uri(uri)
-        info = fs.get_file_info(inner)
-        if info.type == pyarrow.fs.FileType.NotFound:
-            raise InputError(f"no such image: {uri}", hint="check the URI")
-        if info.type == pyarrow.fs.FileType.Directory:
-            raise InputError(f"{uri} is a folder, not an image", hint="list its images in a --manifest")
-        return fs.open_input_file(inner)
-    except InputError:
-        raise
-    except Exception as exc:  # pyarrow raises OSError, ArrowInvalid (ValueError), ArrowNotImplementedError…
-        raise InputError(f"cannot read {uri}: {type(exc).__name__}: {first_line(exc, 200)}",
-                         hint="check the URI and the credentials pyarrow uses for its filesystem") from exc
-
-
 def _header(path: str) -> bytes:
     if "://" in path:
-        with _open_uri(path) as f:
+        with images.open_uri(path) as f:
             return f.read(8)
     with open(path, "rb") as f:
         return f.read(8)
