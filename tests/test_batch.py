@@ -100,6 +100,7 @@ def test_local_engine_writes_one_summary_file_with_the_schema(scenes, tmp_path):
             assert (list(value) if isinstance(value, tuple) else value) == reported[name], name
 
 
+@pytest.mark.slow
 def test_a_second_run_replaces_the_summary(scenes, tmp_path):
     outdir = tmp_path / "out"
     heatmap(scenes, "-o", outdir)
@@ -173,6 +174,7 @@ def test_a_resumed_row_equals_the_fresh_one(digits, scenes, tmp_path):
             assert getattr(again, name) == getattr(fresh, name), (stem, name)
 
 
+@pytest.mark.slow
 def test_local_resume_skips_complete_inputs(scenes, tmp_path):
     outdir = tmp_path / "out"
     heatmap(scenes, "-o", outdir)

@@ -60,6 +60,7 @@ def test_convert_writes_a_verified_pt2_and_refuses_to_overwrite(tmp_path, weight
     assert table.exit_code == 0 and "Rewritten layers" in table.output and "Geometry" in table.output
 
 
+@pytest.mark.slow
 def test_convert_torchvision_resnet18_maps(tmp_path):
     out = tmp_path / "r18.pt2"
     result = invoke("convert", "torchvision:resnet18", "--weights", "none", "-o", out)

@@ -174,6 +174,7 @@ def random_classifiers(draw):
     return model, size, in_chans
 
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(random_classifiers(), st.integers(0, 2**31 - 1))
 def test_random_cnn_classifiers_convert_and_match(case, seed):

@@ -71,7 +71,8 @@ def test_timm_cnns_convert_and_match(name):
 
 
 @pytest.mark.parametrize("spec", ["timm:vit_tiny_patch16_224", "timm:swin_tiny_patch4_window7_224",
-                                  "timm:maxvit_nano_rw_256", "torchvision:vit_b_16"])
+                                  pytest.param("timm:maxvit_nano_rw_256", marks=pytest.mark.slow),
+                                  "torchvision:vit_b_16"])
 def test_transformers_are_refused_with_a_reason(spec):
     pytest.importorskip("timm")
     loaded = fcnify.load_model(spec, weights="none")

@@ -97,6 +97,7 @@ def test_malformed_metadata_is_one_model_load_error(raw, fragment):
     assert "fcnify convert" in info.value.hint
 
 
+@pytest.mark.slow
 def test_malformed_metadata_in_files_through_the_cli(tmp_path):
     """A .pt2 and an .onnx whose fcnify metadata was damaged: exit 1, one line, no traceback."""
     runner = CliRunner()

@@ -108,6 +108,7 @@ def load(outdir):
     return np.load(outdir / "scene.scores.npz")
 
 
+@pytest.mark.slow
 def test_cli_tile_output_stride_scales(scene, tmp_path):
     """Through ``fcnify heatmap``: tiles equal one pass, a finer output stride interleaves the native map, and
     --scales writes the pyramid (every cell computed: ``--foreground all``)."""

@@ -104,7 +104,10 @@ def exported(tmp_path_factory):
 # ----------------------------------------------------------------------------------------- architectures
 
 
-@pytest.mark.parametrize("name", list(ARCHS))
+# The torchvision exports take 8-11 s each: slow (make test runs them; make test-fast keeps the small ones).
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("resnet18", "mobilenet_v3_small",
+                                                                                    "squeezenet1_1") else n
+                                  for n in ARCHS])
 def test_export_agrees_with_pytorch_at_dynamic_sizes(exported, name):
     model, fcn, meta, report = exported(name)
     assert report.path.is_file() and report.passed

@@ -257,6 +257,7 @@ def test_tiles_equal_one_pass_on_the_padding_free_digits_net(digits, size, cells
     assert relative_error(torch.from_numpy(reference), torch.from_numpy(scores)) <= 1e-4
 
 
+@pytest.mark.slow
 def test_tiles_equal_one_pass_on_resnet18():
     """ResNet-18 (padding in every conv, a padded max pool, strided 1×1 shortcuts): tiles of 8 cells cut each
     axis in two, the second tile starting inside the image and the first ending inside it."""

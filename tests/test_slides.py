@@ -70,6 +70,7 @@ def receptive_field_inside(shape: tuple[int, int], image_size: tuple[int, int], 
     return inside
 
 
+@pytest.mark.slow
 def test_svs_store_equals_one_pass_with_geometry_in_level0_pixels(tmp_path, slide_model):
     size = (600, 760)
     slide = write_slide(tmp_path / "case.svs", size=size, kind="svs", background="white", tile=128, levels=2,
@@ -133,6 +134,7 @@ def test_background_is_nan_tissue_computed_and_the_mask_saved(tmp_path, slide_mo
     assert table["scores_format"] == "zarr" and table["mpp"] == pytest.approx(0.5)
 
 
+@pytest.mark.slow
 def test_black_background_ome_tiff_and_bigtiff(tmp_path, slide_model):
     size = (512, 512)
     ome = write_slide(tmp_path / "fluo.ome.tif", size=size, kind="ome", background="black", tile=128, levels=2,

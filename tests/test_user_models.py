@@ -200,6 +200,7 @@ def test_assumed_imagenet_is_said_on_one_line_and_recorded(project):
     assert heatmap_scores(folder / "out")[2]["preprocessing"]["source"] == "assumed (ImageNet)"
 
 
+@pytest.mark.slow
 def test_flags_are_stored_in_the_pt2_and_onnx_and_read_back(project):
     folder, name, model = project
     (folder / "labels.txt").write_text("cat\ndog\n\nbird\n")
