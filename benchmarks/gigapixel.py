@@ -116,14 +116,15 @@ def network_only(slide: Path, runtime: str) -> dict:
     runtime), on zero tensors of the tiles' shapes, in this process after one untimed warm-up batch."""
     import torch
 
-    from fcnify.cli import _convert, _load, _metadata
+    from fcnify.cli import _convert, _load
+    from fcnify.export import ModelMetadata
     from fcnify.heatmap import compute, plan
     from fcnify.heatmap.pipeline import HeatmapOptions, ImageJob
     from fcnify.heatmap.sources import open_source, open_view
 
     loaded = _load("digits", "default", None, None, False)
     fcn = _convert(loaded)
-    meta = _metadata(loaded, fcn)
+    meta = ModelMetadata.of(loaded, fcn)
     with tempfile.TemporaryDirectory() as tmp:
         options = HeatmapOptions(outdir=Path(tmp), runtime=runtime)
         job = ImageJob(fcn, fcn.geometry, loaded, options, meta)

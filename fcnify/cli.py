@@ -144,13 +144,6 @@ def _convert(loaded):
     return convert_model(loaded.module, require_input_size(loaded), in_chans=loaded.in_chans)
 
 
-def _metadata(loaded, fcn):
-
-    return ModelMetadata(tuple(fcn.input_size), fcn.in_chans, tuple(loaded.mean), tuple(loaded.std),
-                         tuple(loaded.labels), fcn.geometry, loaded.source,
-                         normalisation=loaded.normalisation or "")
-
-
 def _fmt(value: float) -> str:
     return f"{value:.2e}"
 
@@ -221,7 +214,7 @@ def convert(
             f"the converted network differs from the original by {report.strict.max_rel_error:.2e} (relative) "
             f"at {fcn.input_size[0]}x{fcn.input_size[1]}; nothing was written",
             hint="please report this model: fcnify refuses to save a network that is not equivalent")
-    metadata = _metadata(loaded, fcn)
+    metadata = ModelMetadata.of(loaded, fcn)
     save_pt2(fcn, metadata, output, force=force)
     result = {"output": str(output), "source": loaded.source, "input_size": list(fcn.input_size),
               "preprocessing": loaded.preprocessing,
@@ -454,7 +447,7 @@ def heatmap(
     else:
         fcn = _convert(loaded)
         geometry = fcn.geometry
-        metadata = _metadata(loaded, fcn)
+        metadata = ModelMetadata.of(loaded, fcn)
         loaded.module = None  # the original classifier is not needed any more: free its memory
     # A converted file travels to Ray workers as it is; a user's own torch.export archive was converted here.
     model_file = model if loaded.converted and model.endswith((".pt2", ".onnx")) and Path(model).is_file() else None

@@ -55,6 +55,13 @@ class ModelMetadata:
         }
 
     @classmethod
+    def of(cls, loaded, fcn) -> ModelMetadata:
+        """The metadata of ``fcn``, converted from ``loaded`` (a ``LoadedModel``)."""
+        return cls(tuple(fcn.input_size), int(fcn.in_chans), tuple(loaded.mean), tuple(loaded.std),
+                   tuple(str(v) for v in loaded.labels), fcn.geometry, loaded.source,
+                   normalisation=getattr(loaded, "normalisation", None) or "")
+
+    @classmethod
     def parse(cls, raw: str | bytes, where: str) -> ModelMetadata:
         """The metadata in JSON text ``raw`` found in ``where``, checked field by field.
 

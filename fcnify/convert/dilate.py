@@ -38,7 +38,7 @@ from torch import nn
 from fcnify.convert.analysis import analyse
 from fcnify.convert.geometry import _is_opaque
 from fcnify.convert.network import FullyConvolutionalNet
-from fcnify.convert.ops import WindowParams, node_arg, op_name, pair, window_params
+from fcnify.convert.ops import WindowParams, explicit_padding, node_arg, op_name, pair, window_params
 from fcnify.convert.rules import Rewrite
 from fcnify.convert.trace import propagate_shapes, shape_of
 from fcnify.errors import ConversionError, first_line
@@ -376,10 +376,6 @@ def _edit_window_op(gm, node, name, module, uses, k, stride, padding, dilation, 
     return node
 
 
-def _string_padding(p: str, k, d):
-    return tuple(dd * (kk - 1) // 2 for kk, dd in zip(k, d)) if p == "same" else (0, 0)
-
-
 def _native_length(length: int, k: int, s: int, p: int, d: int, ceil: bool) -> int:
     """PyTorch's output length of a conv/pool (ceil mode: the last window must start inside the input)."""
     span = length + 2 * p - d * (k - 1) - 1
@@ -433,10 +429,9 @@ torch.fx.wrap("_ceil_pad")
 
 def _fit_node(gm, node, x_in, native: NativeWindow, d_in, d_out, stride, padding, dilation):
     """Insert ``_fit_length`` after ``node`` (and ``_ceil_pad`` before a ceil-mode max pool)."""
-    if isinstance(padding, str):
-        padding = _string_padding(padding, native.kernel, dilation)
-    native = tuple(native)  # a plain tuple in the graph's arguments
-    if NativeWindow(*native).ceil_mode:  # run without it on an input extended by -inf (max pools only; avg refused)
+    padding = explicit_padding(padding, native.kernel, dilation)
+    ceil_mode, native = native.ceil_mode, tuple(native)  # a plain tuple in the graph's arguments
+    if ceil_mode:  # run without it on an input extended by -inf (max pools only; avg refused)
         modules = dict(gm.named_modules())
         if node.op == "call_module":
             modules[node.target].ceil_mode = False

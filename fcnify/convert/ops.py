@@ -132,12 +132,16 @@ class WindowParams:
         return bool(self.extra.get("ceil_mode"))
 
     def explicit_padding(self) -> tuple[int, int]:
-        """The padding in pixels ('same': dilation × (kernel − 1) / 2 each side, rounded down; 'valid': 0)."""
-        if isinstance(self.padding, str):
-            if self.padding != "same":
-                return (0, 0)
-            return tuple(dd * (kk - 1) // 2 for kk, dd in zip(self.kernel, self.dilation))
-        return self.padding
+        return explicit_padding(self.padding, self.kernel, self.dilation)
+
+
+def explicit_padding(padding, kernel, dilation) -> tuple[int, int]:
+    """A convolution's padding in pixels ('same': dilation × (kernel − 1) / 2 each side, rounded down; 'valid': 0)."""
+    if isinstance(padding, str):
+        if padding != "same":
+            return (0, 0)
+        return tuple(dd * (kk - 1) // 2 for kk, dd in zip(kernel, dilation))
+    return padding
 
 
 def window_params(node: torch.fx.Node, name: str, module: nn.Module | None) -> WindowParams | None:

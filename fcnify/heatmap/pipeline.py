@@ -19,6 +19,7 @@ Every file is written under a temporary name and renamed into place only once al
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import json
 import logging
@@ -424,10 +425,15 @@ class ImageJob:
         self.window = tuple(int(v) for v in geometry.window)
         self.network = compute.TileNetwork.build(fcn, self.model.in_chans, self.model.mean, self.model.std,
                                                  options.device, options.precision)
-        self.fingerprint = _fingerprint(fcn)
+        self._budget = parse_memory(options.max_memory) if options.max_memory else None
         self._per_pixel: float | None = None
         self._runtimes: dict[str, torch.nn.Module | None] = {}
         _check_outdir(Path(options.outdir))
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """A hash of the network's weights, for a zarr store's resume key (hashed only when a store needs it)."""
+        return _fingerprint(self.fcn)
 
     def per_pixel(self) -> float:
         """Bytes of the network's working set per input pixel (measured once)."""
@@ -441,7 +447,7 @@ class ImageJob:
         the memory budget together (a batch's working set is its tiles' sum), and at least one."""
         if self.network.device.type == "cpu":
             return 1
-        budget = parse_memory(self.options.max_memory) if self.options.max_memory else DEFAULT_TILE_BUDGET
+        budget = self._budget or DEFAULT_TILE_BUDGET
         fit = int(budget // max(1.0, self.per_pixel() * input_shape[0] * input_shape[1]))
         return max(1, min(int(self.options.batch_size), fit))
 
@@ -451,7 +457,7 @@ class ImageJob:
         if isinstance(tile, tuple):
             return plan.cells_for_tile_size(self.bounds, tile)
         self.per_pixel()
-        budget = parse_memory(self.options.max_memory) if self.options.max_memory else None
+        budget = self._budget
         side = tile_side(self._per_pixel, budget)
         minimum = max(self.bounds.halo(a) + self.bounds.stride[a] for a in range(2))
         if side < minimum:

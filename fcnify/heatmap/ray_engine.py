@@ -156,10 +156,7 @@ def _ship_model(ray, fcn, loaded, model_file, workdir: Path) -> dict:
         path = Path(loaded.extra["path"])  # an .onnx loaded by load_onnx_model
         return {"kind": "file", "suffix": path.suffix, "ref": ray.put(path.read_bytes())}
     try:
-        metadata = ModelMetadata(tuple(fcn.input_size), int(fcn.in_chans), tuple(loaded.mean), tuple(loaded.std),
-                                 tuple(str(v) for v in loaded.labels), fcn.geometry, loaded.source,
-                                 normalisation=getattr(loaded, "normalisation", None) or "")
-        target = save_pt2(fcn, metadata, workdir / "model.pt2")
+        target = save_pt2(fcn, ModelMetadata.of(loaded, fcn), workdir / "model.pt2")
         return {"kind": "file", "suffix": ".pt2", "ref": ray.put(target.read_bytes())}
     except (ExportError, AttributeError) as exc:
         _logger.warning("shipping the network pickled: it cannot be exported to .pt2 (%s)", exc)
