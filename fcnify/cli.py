@@ -8,6 +8,7 @@ error (any exception fcnify does not mean to raise: one "please report" line, th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -402,6 +403,9 @@ def heatmap(
     ray_address: Annotated[str | None, typer.Option(
         "--ray-address", help="Ray cluster to run on (else RAY_ADDRESS, else a local Ray on 127.0.0.1).")] = None,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Ray actors, each with one copy of the model.")] = 1,
+    split: Annotated[str, typer.Option(
+        "--split", help="Ray: share out whole images, the tiles of each slide, or auto (tiles when there are "
+                        "fewer than two images per worker).")] = "auto",
     gpus_per_worker: Annotated[float, typer.Option("--gpus-per-worker", min=0.0, help="GPUs per Ray actor.")] = 0.0,
     cpus_per_worker: Annotated[float, typer.Option("--cpus-per-worker", min=0.01, help="CPUs per Ray actor.")] = 1.0,
     resume: Annotated[bool, typer.Option(
@@ -436,7 +440,8 @@ def heatmap(
     if engine not in ENGINES:
         raise InputError(f"unknown engine {engine!r}", hint="use --engine local or --engine ray")
     ray_options = RayOptions(address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker,
-                             cpus_per_worker=cpus_per_worker)
+                             cpus_per_worker=cpus_per_worker, split=split)
+    ray_options.validate()
     if engine == "ray":
 
         require_ray()  # before loading and converting the model
@@ -454,7 +459,10 @@ def heatmap(
     job = {"engine": engine, "ray_options": ray_options, "resume": resume, "model_file": model_file,
            "trust_model": trust_model, "metadata": metadata}
     if as_json or engine == "ray":  # Ray Data shows its own progress bars
-        result = run_job(paths, fcn, geometry, loaded, options, **job)
+        # Ray prints its workers' and raylet's messages (a restarted worker, say) to stdout: they go to stderr,
+        # so that stdout holds only the report (--json output stays parseable).
+        with contextlib.redirect_stdout(sys.stderr):
+            result = run_job(paths, fcn, geometry, loaded, options, **job)
     else:
 
         with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -15,6 +15,8 @@ if os.environ.get("CI"):
 
 sys.path.insert(0, str(Path(__file__).parent))  # `nets` for --arch nets:FACTORY
 
+pytest_plugins = ["ray_helpers"]  # the `local_ray` fixture (Ray itself is imported only by tests that use it)
+
 
 @pytest.fixture(autouse=True)
 def _seed():

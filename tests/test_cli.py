@@ -160,6 +160,12 @@ def test_heatmap_bad_options(tmp_path):
     assert_clean_error(invoke("heatmap", scene, "--precision", "fp16", "--device", "cpu", "-o", tmp_path), 1, "fp16")
     assert_clean_error(invoke("heatmap", scene, "--max-pixels", "100", "-o", tmp_path / "o"), 1, "--max-pixels")
     assert_clean_error(invoke("heatmap", "-o", tmp_path), 1, "no images")
+    # Object storage as the output folder is refused, never written to a local folder named "s3:".
+    for engine in ("local", "ray"):
+        assert_clean_error(invoke("heatmap", scene, "-o", "s3://bucket/out", "--engine", engine, "--split", "tiles"),
+                           1, "s3://bucket/out", "object storage", "shared filesystem")
+    assert not Path("s3:").exists()
+    assert_clean_error(invoke("heatmap", scene, "--engine", "ray", "--split", "slides", "-o", tmp_path), 1, "--split")
     # Refused before any image: nothing of an image is written (the summary records the failure).
     assert not (tmp_path / "o").exists() or {p.name for p in (tmp_path / "o").iterdir()} <= {"summary.parquet"}
 

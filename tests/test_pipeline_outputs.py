@@ -352,6 +352,29 @@ def test_peak_tracker_minima_ignore_nan_and_follow_every_tile():
     assert tracker.minima.tolist() == pytest.approx([0.1, 0.7]) and tracker.values.tolist() == pytest.approx([0.9, 0.7])
 
 
+def test_peak_trackers_of_tiles_merge_into_the_whole_maps_tracker():
+    """What the Ray engine does with the peaks its workers report tile by tile: the same peaks, cells (first in
+    row-major order on ties), and minima as one tracker fed every tile."""
+    from fcnify.heatmap.compute import PeakTracker
+
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 4, size=(3, 12, 10)).astype(np.float32) / 4  # many ties
+    scores[:, :4, :5] = np.nan  # a tile of background
+    scores[2] = np.nan  # a class never computed
+    whole, merged = PeakTracker(3), PeakTracker(3)
+    tiles = [(r, c) for r in range(0, 12, 4) for c in range(0, 10, 5)]
+    for r, c in tiles:
+        whole.update(scores[:, r:r + 4, c:c + 5], r, c)
+    for r, c in reversed(tiles):  # workers report in any order
+        part = PeakTracker(3)
+        part.update(scores[:, r:r + 4, c:c + 5], r, c)
+        merged.merge(part)
+    np.testing.assert_array_equal(merged.values, whole.values)
+    np.testing.assert_array_equal(merged.cells[:2], whole.cells[:2])
+    np.testing.assert_array_equal(merged.minima, whole.minima)
+    assert merged.top(3) == whole.top(3) == [0, 1]
+
+
 @pytest.mark.parametrize("size", [(20, 50), (28, 28)])
 def test_tiny_and_padded_images_classes_png_fill_their_panels(tmp_path, monkeypatch, size):
     """A 20×50 image and a 28×28 one (the window is 32: both padded): classes.png is written, and in its figure

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -26,35 +24,6 @@ pytestmark = pytest.mark.ray
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_images"
 SCENES = sorted(SAMPLES.glob("digits_scene_*.png"))
 runner = CliRunner()
-
-
-def use_test_token(mp: pytest.MonkeyPatch) -> str:
-    """Token authentication with a token for this test process only (nothing written to ~/.ray).
-
-    Ray reads RAY_AUTH_MODE and the token once and caches them: refresh both after changing the variables.
-    """
-    from ray._private.authentication_test_utils import reset_auth_token_state
-
-    token = hashlib.sha256(f"fcnify-tests-{os.getpid()}".encode()).hexdigest()
-    mp.setenv("RAY_AUTH_MODE", "token")
-    mp.setenv("RAY_AUTH_TOKEN", token)
-    mp.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
-    reset_auth_token_state()
-    return token
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    """One local Ray for the module: 2 CPUs, node IP and every server on 127.0.0.1, token auth on, no dashboard."""
-    from fcnify.heatmap.ray_engine import ray_session
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("RAY_ADDRESS", raising=False)
-        use_test_token(mp)
-        with ray_session(None, num_cpus=2) as ray:
-            nodes = ray.nodes()
-            assert {n["NodeManagerAddress"] for n in nodes} == {"127.0.0.1"}
-            yield ray
 
 
 def invoke(*args):

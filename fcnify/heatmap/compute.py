@@ -249,6 +249,15 @@ class PeakTracker:
             if tuple(cell) < tuple(self.cells[k]):
                 self.cells[k] = cell
 
+    def merge(self, other: PeakTracker) -> None:
+        """Take in another part of the map's peaks (a tile computed elsewhere), with ``update``'s tie rule."""
+        self.minima = np.minimum(self.minima, other.minima)
+        for k in range(self.classes):
+            value, cell = other.values[k], tuple(other.cells[k])
+            if value > self.values[k] or (value == self.values[k] and cell < tuple(self.cells[k])):
+                self.values[k] = value
+                self.cells[k] = cell
+
     def top(self, n: int) -> list[int]:
         """The ``n`` classes with the highest peaks, best first (stable: lower index first on ties)."""
         order = np.argsort(-self.values, kind="stable")

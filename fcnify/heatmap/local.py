@@ -7,10 +7,10 @@ from collections.abc import Callable, Sequence
 
 from fcnify.heatmap.pipeline import ImageJob, SummaryRow, TileProgress, run_image
 
-__all__ = ["run_paths"]
+__all__ = ["readable_path", "run_paths"]
 
 
-def _source(path: str) -> str:
+def readable_path(path: str) -> str:
     """Where a worker reads an input: URIs as given, local paths made absolute (a Ray worker's working
     directory is not the driver's)."""
     return path if "://" in path else os.path.abspath(path)
@@ -22,7 +22,7 @@ def run_paths(paths: Sequence[str], stems: Sequence[str], job: ImageJob, resume:
     """``run_image`` for each input, in order; one row each (a bad input is an error row, the loop goes on)."""
     rows = []
     for path, stem in zip(paths, stems, strict=True):
-        row = run_image(_source(path), stem, job, resume, progress)
+        row = run_image(readable_path(path), stem, job, resume, progress)
         row.path = str(path)  # the input as given, whichever absolute path was read
         rows.append(row)
         if finished is not None:

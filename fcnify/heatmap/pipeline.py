@@ -18,6 +18,7 @@ Every file is written under a temporary name and renamed into place only once al
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import hashlib
@@ -35,7 +36,7 @@ import torch
 from PIL import Image
 
 from fcnify.dense import with_output_stride
-from fcnify.errors import FcnifyError, InputError, OutputError
+from fcnify.errors import FcnifyError, InputError, InternalError, OutputError
 from fcnify.heatmap import compute, plan, sinks, viewers
 from fcnify.heatmap.legend import add_legend, colour_range
 from fcnify.heatmap.memory import DEFAULT_TILE_BUDGET, bytes_per_pixel, parse_memory, parse_tile, tile_side
@@ -46,8 +47,8 @@ from fcnify.heatmap.sources import open_source, open_view, read_thumbnail
 from fcnify.images import PreparedImage
 
 __all__ = [
-    "ClassPeak", "HeatmapOptions", "ImageJob", "SCORE_FORMATS", "SummaryRow", "choose_scores_format",
-    "output_stems", "resolve_classes", "run_image",
+    "ClassPeak", "HeatmapOptions", "ImageJob", "ImageRun", "SCORE_FORMATS", "SummaryRow", "TileShard",
+    "choose_scores_format", "compute_shard", "output_stems", "resolve_classes", "run_image",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -133,6 +134,11 @@ class HeatmapOptions:
 
     def validate(self) -> None:
         """Raise ``InputError`` for option values that can never work (before any image is read)."""
+        uri = re.match(r"^([A-Za-z][A-Za-z0-9+.-]+):/+(.*)$", str(self.outdir))
+        if uri:  # Path() has already folded "s3://b/x" into "s3:/b/x"
+            raise InputError(f"-o {uri[1]}://{uri[2]}: fcnify writes its outputs to folders, not to object storage "
+                             "or URLs", hint="give a local folder, or a shared filesystem every Ray node mounts "
+                                             "(a bucket mounted with s3fs or gcsfuse), and copy the outputs afterwards")
         colormap(self.cmap)
         checks = [
             (0.0 <= float(self.alpha) <= 1.0, f"--alpha {self.alpha} is not between 0 and 1", "e.g. --alpha 0.5"),
@@ -565,56 +571,189 @@ class _ViewGeometry:
 
 def run_image(path: str, stem: str, job: ImageJob, resume: bool = False,
               progress: Callable[[TileProgress], None] | None = None) -> SummaryRow:
-    """Compute and write one image's outputs; any ``FcnifyError`` becomes an error row."""
+    """Compute and write one image's outputs in this process; any ``FcnifyError`` becomes an error row."""
     started = time.perf_counter()
+    run = ImageRun(path, stem, job, resume, progress)
     try:
-        row = _run_image(path, stem, job, resume, progress)
+        row = run.open()
+        if row is None:
+            run.start()
+            run.compute_here()
+            row = run.finish()
     except FcnifyError as exc:
-        _logger.info("%s: %s", path, exc)
-        # A damaged input fails the same way again: leave no partial store behind (a kill keeps it).
-        sinks.remove_stale(Path(job.options.outdir), stem, keep_partial=False)
-        return SummaryRow(path=str(path), status="error", error=str(exc), seconds=time.perf_counter() - started)
+        return run.failed(str(exc), started)
+    finally:
+        run.close()
     row.seconds = time.perf_counter() - started
     return row
 
 
-def _run_image(path: str, stem: str, job: ImageJob, resume: bool,
-               progress: Callable[[TileProgress], None] | None) -> SummaryRow:
-    options, model = job.options, job.model
-    outdir = Path(options.outdir)
-    _make_stem_folder(outdir, stem)
-    with open_source(path, options.max_pixels) as source:
-        view = open_view(source, level=options.level, mpp=options.mpp, scale=options.scale)
-        if options.scales and not source.whole:
+@dataclass(frozen=True)
+class TileShard:
+    """What a worker needs to compute tiles of an image into its store (small and picklable: the engine sends it
+    once per image, then only tile indices travel).
+
+    Attributes:
+        path: the image, as the worker reads it (absolute, or a URI).
+        plan: the tile plan (tile index → input region and cells).
+        mask: the foreground mask (None: every cell), so the worker writes NaN where the local engine does.
+        store: the partial ``.scores.zarr`` folder; each tile is one chunk, so workers never share one.
+        pixels: input pixels of the tiles to do, which pick the runtime as the local engine would.
+    """
+
+    path: str
+    plan: plan.TilePlan
+    mask: plan.ForegroundMask | None
+    store: Path
+    pixels: int
+
+
+class ImageRun:
+    """One image's run in steps, so that an engine may compute its tiles elsewhere.
+
+    ``open`` reads the header and plans the tiles (and returns the row of a resumed image that is complete),
+    ``start`` finds the background and opens (or resumes) the score store, then the tiles are computed, here
+    (``compute_here``) or by workers writing into the store (``shard``; the engine reports each finished tile
+    with ``tile_finished``), and ``finish`` writes the previews and viewer files from the map and renames
+    everything into place. ``close`` releases the image and the store whatever happened.
+    """
+
+    def __init__(self, path: str, stem: str, job: ImageJob, resume: bool = False,
+                 progress: Callable[[TileProgress], None] | None = None):
+        self.path, self.stem, self.job, self.resume, self.progress = str(path), stem, job, resume, progress
+        self.outdir = Path(job.options.outdir)
+        self._files = contextlib.ExitStack()
+        self.sink = None
+        self.state = TileProgress(self.path, 0)
+        self.todo: list = []
+
+    # -------------------------------------------------------------------------------------------- open
+
+    def open(self) -> SummaryRow | None:
+        """Open the image and plan its tiles; the finished row when ``resume`` finds its outputs complete."""
+        job, options, model = self.job, self.job.options, self.job.model
+        _make_stem_folder(self.outdir, self.stem)
+        self.source = self._files.enter_context(open_source(self.path, options.max_pixels))
+        self.view = open_view(self.source, level=options.level, mpp=options.mpp, scale=options.scale)
+        if options.scales and not self.source.whole:
             raise InputError("--scales needs an image held in memory; this one is read tile by tile",
                              hint="compute one resolution with --level N or --mpp X")
-        sinks.remove_stale(outdir, stem, keep_partial=resume)
+        sinks.remove_stale(self.outdir, self.stem, keep_partial=self.resume)
         cells = None if options.scales else job.tile_cells()
-        tiles = plan.plan_tiles(job.fcn, job.geometry, model.in_chans, view.size, cells)
-        fmt = "npz" if options.scales else choose_scores_format(options.scores, source, tiles.map_size,
-                                                                   len(model.labels))
-        targets = expected_outputs(stem, outdir, job.classes, model.labels, fmt, options.formats)
-        info = dict(level=view.level, downsample=float(view.downsample[0]),
-                    mpp=float(view.mpp[0]) if view.mpp else None, scores_format=fmt,
-                    preprocessing=model.preprocessing)
-        if resume:
-            done = _completed(path, outdir, targets, model, fmt, options.top_k)
-            if done is not None:
-                return done
-        mask = plan.estimate_foreground(view, job.window, options.foreground)
-        attrs = sinks.MapAttrs(model.labels, image_size=tuple(source.size), level=view.level,
-                               downsample=tuple(float(v) for v in view.downsample),
-                               mpp=tuple(view.mpp) if view.mpp else None, **_level0(view, job.geometry),
-                               extra=_attrs_extra(job, tiles, mask, model))
+        self.tiles = plan.plan_tiles(job.fcn, job.geometry, model.in_chans, self.view.size, cells)
+        self.format = "npz" if options.scales else choose_scores_format(options.scores, self.source,
+                                                                        self.tiles.map_size, len(model.labels))
+        self.targets = expected_outputs(self.stem, self.outdir, job.classes, model.labels, self.format,
+                                        options.formats)
+        view = self.view
+        self.info = dict(level=view.level, downsample=float(view.downsample[0]),
+                         mpp=float(view.mpp[0]) if view.mpp else None, scores_format=self.format,
+                         preprocessing=model.preprocessing)
+        if self.resume:
+            return _completed(self.path, self.outdir, self.targets, model, self.format, options.top_k)
+        return None
+
+    @property
+    def splittable(self) -> bool:
+        """Whether workers can share this image's tiles: a store on disk (zarr) with more than one tile."""
+        return self.format == "zarr" and not self.job.options.scales and self.tiles.count > 1
+
+    def start(self) -> None:
+        """Find the background, open the score store (going on with a partial one when resuming) and list the
+        tiles still to compute; the peaks of tiles an earlier run finished are read back."""
+        job, options, model = self.job, self.job.options, self.job.model
+        view, tiles = self.view, self.tiles
+        self.mask = plan.estimate_foreground(view, job.window, options.foreground)
+        self.attrs = sinks.MapAttrs(model.labels, image_size=tuple(self.source.size), level=view.level,
+                                    downsample=tuple(float(v) for v in view.downsample),
+                                    mpp=tuple(view.mpp) if view.mpp else None, **_level0(view, job.geometry),
+                                    extra=_attrs_extra(job, tiles, self.mask, model))
+        state = self.state = TileProgress(self.path, tiles.count)
         if options.scales:
-            scores, attrs.extra = _multiscale(view, job, tiles, mask, attrs)
-            state = TileProgress(str(path), 1, computed=1, runtime=job.network.runtime)
-            computed = [True]
-            sink = None
+            self.computed = [True]
+            return
+        self.computed = compute.foreground_tiles(tiles, self.mask, job.bounds)
+        state.background = sum(1 for c in self.computed if not c)
+        if self.format == "zarr":
+            run_key = {"model": job.fingerprint, "labels": list(model.labels), "level": view.level,
+                       "size": list(view.size), "downsample": list(view.downsample), "cells": list(tiles.cells),
+                       "geometry": job.geometry.to_dict(), "foreground": options.foreground,
+                       "mean": list(model.mean), "std": list(model.std), "dtype": options.scores_dtype}
+            self.sink = sinks.ZarrSink(self.targets["scores"], tiles, self.attrs, run_key, options.scores_dtype,
+                                       self.resume)
+            self.scores = self.sink.array
         else:
-            computed = compute.foreground_tiles(tiles, mask, job.bounds)
-            sink, scores, state = _compute(path, view, job, tiles, mask, computed, targets, attrs, fmt, resume,
-                                           progress)
+            self.sink = sinks.ArraySink(len(model.labels), tiles.map_size)
+            self.scores = self.sink.scores
+        finished = getattr(self.sink, "done", set())
+        self.todo = [t for t, c in zip(tiles.tiles(), self.computed, strict=True)
+                     if c and tiles.index(t) not in finished]
+        state.resumed = sum(self.computed) - len(self.todo)
+        state.todo = len(self.todo)
+        # Peaks are tracked as tiles are written; only tiles an earlier run finished are read back for them.
+        state.peaks = compute.PeakTracker(len(model.labels))
+        for index in sorted(finished):
+            tile = tiles.tile(index)
+            block = np.asarray(self.scores[:, tile.rows.first:tile.rows.last, tile.cols.first:tile.cols.last],
+                               np.float32)
+            state.peaks.update(block, tile.rows.first, tile.cols.first)
+
+    # -------------------------------------------------------------------------------------------- tiles
+
+    def compute_here(self) -> None:
+        """Compute the tiles still to do in this process."""
+        job, state = self.job, self.state
+        if job.options.scales:
+            self.scores, self.attrs.extra = _multiscale(self.view, job, self.tiles, self.mask, self.attrs)
+            state.total = state.computed = 1
+            state.runtime = job.network.runtime
+            return
+        network = job.runner(self._todo_pixels())
+        state.runtime = network.runtime
+        if self.progress is not None:
+            self.progress(state)
+
+        def write(tile, block) -> None:
+            self.sink.write(tile, block)
+            state.peaks.update(block, tile.rows.first, tile.cols.first)
+
+        def done(tile) -> None:
+            self._record(tile)
+
+        batch = job.tiles_per_batch(self.tiles.tile(0).input_shape) if self.todo else 1
+        compute.compute_tiles(self.view, self.tiles, network, job.bounds, self.todo, self.mask, write, batch,
+                              labels=len(job.model.labels), done=done)
+
+    def _todo_pixels(self) -> int:
+        return sum(t.input_shape[0] * t.input_shape[1] for t in self.todo)
+
+    def _record(self, tile) -> None:
+        if isinstance(self.sink, sinks.ZarrSink):
+            self.sink.mark_done(tile)
+        self.state.computed += 1
+        if self.progress is not None:
+            self.progress(self.state)
+
+    def shard(self, path: str | None = None) -> TileShard:
+        """What workers need to compute this image's tiles into its store (``compute_shard``)."""
+        if not isinstance(self.sink, sinks.ZarrSink):
+            raise InternalError(f"{self.path}: only an image with a zarr store can be shared out tile by tile",
+                                hint="please report this")
+        return TileShard(path or self.path, self.tiles, self.mask, self.sink.folder, self._todo_pixels())
+
+    def tile_finished(self, index: int, peaks: compute.PeakTracker, runtime: str | None = None) -> None:
+        """A worker wrote tile ``index`` into the store: record it (the resume log) and merge its peaks."""
+        self.state.peaks.merge(peaks)
+        self.state.runtime = runtime or self.state.runtime
+        self._record(self.tiles.tile(index))
+
+    # -------------------------------------------------------------------------------------------- finish
+
+    def finish(self) -> SummaryRow:
+        """Write the previews, viewer files and the finished store from the map, all renamed into place."""
+        job, options, model = self.job, self.job.options, self.job.model
+        view, tiles, state, scores = self.view, self.tiles, self.state, self.scores
+        outdir, targets, mask = self.outdir, self.targets, self.mask
         peaks = state.peaks if state.peaks is not None else _peaks(scores, tiles)
         draw = list(job.classes) or peaks.top(1) or [0]
         top = peaks.top(max(1, int(options.top_k))) or [0]
@@ -628,37 +767,75 @@ def _run_image(path: str, stem: str, job: ImageJob, resume: bool,
             if "png" in options.formats:
                 _write_previews(staged, view, scores, view_geometry, targets, draw, top, peaks, ranges, centres,
                                 job)
-            _write_viewers(staged, scores, attrs, targets, draw, ranges, tuple(source.size), options)
+            _write_viewers(staged, scores, self.attrs, targets, draw, ranges, tuple(self.source.size), options)
             if mask is not None:
-                target = outdir / Path(stem).with_name(Path(stem).name + ".mask.png")
+                target = outdir / Path(self.stem).with_name(Path(self.stem).name + ".mask.png")
                 tmp = staged.path(target)
                 Image.fromarray(mask.mask.astype(np.uint8) * 255).save(tmp, format="PNG")
             mask_name = [] if mask is None else [str(target)]
             outputs = [str(t) for key, t in targets.items() if key != "scores"] + mask_name + [str(targets["scores"])]
-            summary = {"tiles": {"total": tiles.count, "computed": int(sum(computed))},
+            padded = tiles.canvas != tuple(view.size)
+            summary = {"tiles": {"total": tiles.count, "computed": int(sum(self.computed))},
                        "peaks": [asdict(p) for p in summary_top],
                        # What a --resume row reports without redoing the image (see _completed).
-                       "row": {"padded": tiles.canvas != tuple(view.size),
-                               "outputs": [os.path.relpath(o, outdir) for o in outputs], **info}}
-            if fmt == "zarr":
-                staged.folder(sink.finish(sinks.status_grid(tiles, computed), summary, options.scores_levels),
-                              targets["scores"])
+                       "row": {"padded": padded, "outputs": [os.path.relpath(o, outdir) for o in outputs],
+                               **self.info}}
+            if self.format == "zarr":
+                staged.folder(self.sink.finish(sinks.status_grid(tiles, self.computed), summary,
+                                               options.scores_levels), targets["scores"])
             else:
                 tmp = staged.path(targets["scores"])
-                sinks.write_npz(tmp, scores, attrs, summary)
+                sinks.write_npz(tmp, scores, self.attrs, summary)
             written = staged.commit()
         except OSError as exc:
-            raise OutputError(f"cannot write the outputs of {stem}: {exc.strerror or exc}",
+            raise OutputError(f"cannot write the outputs of {self.stem}: {exc.strerror or exc}",
                               hint="check the output folder's permissions and free space") from exc
         finally:
             staged.discard()
-            if sink is not None:
-                sink.close()
-    return SummaryRow(path=str(path), status="ok", image_size=tuple(source.size), map_size=tiles.map_size,
-                      padded=tiles.canvas != tuple(view.size), top=summary_top, outputs=tuple(map(str, written)),
-                      tiles=tiles.count, tiles_computed=state.computed, tiles_background=state.background,
-                      tiles_resumed=state.resumed, background_fraction=state.background / max(1, tiles.count),
-                      megapixels=view.size[0] * view.size[1] / 1e6, runtime=state.runtime, **info)
+        return SummaryRow(path=self.path, status="ok", image_size=tuple(self.source.size), map_size=tiles.map_size,
+                          padded=padded, top=summary_top, outputs=tuple(map(str, written)), tiles=tiles.count,
+                          tiles_computed=state.computed, tiles_background=state.background,
+                          tiles_resumed=state.resumed, background_fraction=state.background / max(1, tiles.count),
+                          megapixels=view.size[0] * view.size[1] / 1e6, runtime=state.runtime, **self.info)
+
+    def failed(self, error: str, started: float) -> SummaryRow:
+        """The error row; a damaged input fails the same way again, so no partial store is left behind (a
+        killed run keeps its store: it never gets here)."""
+        _logger.info("%s: %s", self.path, error)
+        self.close()
+        sinks.remove_stale(self.outdir, self.stem, keep_partial=False)
+        return SummaryRow(path=self.path, status="error", error=error, seconds=time.perf_counter() - started)
+
+    def close(self) -> None:
+        if self.sink is not None:
+            self.sink.close()
+        self._files.close()
+
+
+def compute_shard(shard: TileShard, indices: Sequence[int], job: ImageJob, view) -> tuple[list, str]:
+    """Compute tiles ``indices`` of ``shard`` (a worker's part of an image) into its store.
+
+    Args:
+        view: the image at the resolution the job computes at (``open_view`` with the job's options).
+
+    Returns:
+        ``[(index, PeakTracker of the tile)]`` in the order the tiles were written, and the runtime used.
+    """
+    store = sinks.TileWriter(shard.store)
+    network = job.runner(shard.pixels)
+    labels = len(job.model.labels)
+    finished: list[tuple[int, compute.PeakTracker]] = []
+
+    def write(tile, block) -> None:
+        store.write(tile, block)
+        peaks = compute.PeakTracker(labels)
+        peaks.update(block, tile.rows.first, tile.cols.first)
+        finished.append((shard.plan.index(tile), peaks))
+
+    tiles = [shard.plan.tile(i) for i in indices]
+    batch = job.tiles_per_batch(tiles[0].input_shape) if tiles else 1
+    compute.compute_tiles(view, shard.plan, network, job.bounds, tiles, shard.mask, write, batch, labels=labels)
+    return finished, network.runtime
 
 
 def _make_stem_folder(outdir: Path, stem: str) -> None:
@@ -677,53 +854,6 @@ def _attrs_extra(job: ImageJob, tiles, mask, model: ModelInfo) -> dict:
             "preprocessing": model.preprocessing, "model": model.source,
             "foreground": None if mask is None else {"kind": mask.kind, "background": list(mask.background),
                                                      "fraction": round(mask.fraction, 6)}}
-
-
-def _compute(path, view, job: ImageJob, tiles, mask, computed, targets, attrs, fmt, resume, progress):
-    options = job.options
-    state = TileProgress(str(path), tiles.count)
-    state.background = sum(1 for c in computed if not c)
-    if fmt == "zarr":
-        run_key = {"model": job.fingerprint, "labels": list(job.model.labels), "level": view.level,
-                   "size": list(view.size), "downsample": list(view.downsample), "cells": list(tiles.cells),
-                   "geometry": job.geometry.to_dict(), "foreground": options.foreground,
-                   "mean": list(job.model.mean), "std": list(job.model.std), "dtype": options.scores_dtype}
-        sink = sinks.ZarrSink(targets["scores"], tiles, attrs, run_key, options.scores_dtype, resume)
-    else:
-        sink = sinks.ArraySink(len(job.model.labels), tiles.map_size)
-    todo = [t for t, c in zip(tiles.tiles(), computed, strict=True)
-            if c and tiles.index(t) not in getattr(sink, "done", ())]
-    state.resumed = sum(computed) - len(todo)
-    state.todo = len(todo)
-    pixels = sum(t.input_shape[0] * t.input_shape[1] for t in todo)
-    network = job.runner(pixels)
-    state.runtime = network.runtime
-    if progress is not None:
-        progress(state)
-
-    def done(tile) -> None:
-        if fmt == "zarr":
-            sink.mark_done(tile)
-        state.computed += 1
-        if progress is not None:
-            progress(state)
-
-    # Peaks are tracked as tiles are written; only tiles an earlier run finished are read back for them.
-    state.peaks = compute.PeakTracker(len(job.model.labels))
-    scores = sink.array if fmt == "zarr" else sink.scores
-    for index in sorted(getattr(sink, "done", ())):
-        tile = tiles.tile(index)
-        block = np.asarray(scores[:, tile.rows.first:tile.rows.last, tile.cols.first:tile.cols.last], np.float32)
-        state.peaks.update(block, tile.rows.first, tile.cols.first)
-
-    def write(tile, block) -> None:
-        sink.write(tile, block)
-        state.peaks.update(block, tile.rows.first, tile.cols.first)
-
-    batch = job.tiles_per_batch(tiles.tile(0).input_shape) if todo else 1
-    compute.compute_tiles(view, tiles, network, job.bounds, todo, mask, write, batch,
-                          labels=len(job.model.labels), done=done)
-    return sink, scores, state
 
 
 def _multiscale(view, job: ImageJob, tiles, mask, attrs):

@@ -1,19 +1,27 @@
-"""The Ray engine: a Ray Data pipeline over the inputs.
+"""The Ray engine: a Ray Data pipeline over the inputs, or over the tiles of the slides.
 
-The inputs (with their output names, computed by the driver over all inputs) become a dataset, and
-``map_batches`` runs them in a pool of actors, each loading the converted network once (shipped as ``.pt2``
-bytes through the object store, never re-converted per image) and running the local loop on its batches.
-Ray itself is optional (``pip install 'fcnify[ray]'``): it is imported only when a job asks for it.
+The work becomes a dataset and ``map_batches`` runs it in one pool of actors, each loading the converted
+network once (shipped as ``.pt2`` bytes through the object store, never re-converted per image). Its rows are
+whole images (the actor runs the local pipeline on them) or, for slides shared out tile by tile, tile
+indices: the driver plans each slide and opens its zarr store (``ImageRun``), only tile indices travel, each
+actor reads its tiles' regions from the slide itself and writes their chunks into the store (one chunk per
+tile, so no two actors share one), and the driver records each tile reported back in the store's resume log
+and finishes the slide (previews, viewer files) when its last tile is in. A killed actor is restarted by Ray
+and its batch retried; a killed driver leaves a store that ``--resume`` goes on with. Ray itself is optional
+(``pip install 'fcnify[ray]'``): it is imported only when a job asks for it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import math
 import os
+import pickle
 import tempfile
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -22,25 +30,32 @@ from pathlib import Path
 import torch
 
 from fcnify.dense import check_precision
-from fcnify.errors import EngineError, ExportError, FcnifyError, InputError, first_line
+from fcnify.errors import EngineError, ExportError, FcnifyError, InputError, InternalError, first_line
 from fcnify.export import ModelMetadata, save_pt2
-from fcnify.heatmap.local import run_paths
-from fcnify.heatmap.pipeline import HeatmapOptions, ImageJob, ModelInfo, resolve_classes
-from fcnify.heatmap.summary import (
-    SUMMARY_NAME,
-    JobResult,
-    clear_summary,
-    rows_to_table,
-    summary_schema,
-    table_to_rows,
+from fcnify.heatmap.local import readable_path, run_paths
+from fcnify.heatmap.pipeline import (
+    HeatmapOptions,
+    ImageJob,
+    ImageRun,
+    ModelInfo,
+    SummaryRow,
+    TileShard,
+    compute_shard,
+    resolve_classes,
 )
+from fcnify.heatmap.sources import open_source, open_view
+from fcnify.heatmap.summary import SUMMARY_NAME, JobResult, clear_summary, rows_to_table, table_to_rows
 from fcnify.models import load_model
 from fcnify.optional import require
 
-__all__ = ["RayOptions", "ray_session", "require_ray", "run_ray"]
+__all__ = ["RayOptions", "SPLITS", "ray_session", "require_ray", "run_ray"]
 
 _logger = logging.getLogger(__name__)
 
+#: ``--split``: how the Ray engine shares work out (see ``_split``).
+SPLITS = ("auto", "images", "tiles")
+#: Images a worker keeps open for the tiles it is sent (each holds a file handle and its tile cache).
+_OPEN_IMAGES = 4
 
 
 @dataclass
@@ -56,6 +71,9 @@ class RayOptions:
         max_restarts, max_task_retries: how often Ray restarts a dead actor and retries its batch; None keeps
             Ray Data's defaults for actor pools (-1: without limit). Ray 2.60 takes these only through its
             deprecated ``**ray_remote_args``, so they are passed only when set.
+        split: ``images`` (each actor computes whole images), ``tiles`` (the tiles of every slide are shared
+            out over the actors, which read their regions and write their chunks themselves) or ``auto``
+            (tiles when there are fewer than two images per actor).
     """
 
     address: str | None = None
@@ -64,8 +82,11 @@ class RayOptions:
     cpus_per_worker: float = 1.0
     max_restarts: int | None = None
     max_task_retries: int | None = None
+    split: str = "auto"
 
     def validate(self) -> None:
+        if self.split not in SPLITS:
+            raise InputError(f"--split {self.split!r} is not one of {', '.join(SPLITS)}", hint="e.g. --split tiles")
         if int(self.workers) < 1:
             raise InputError(f"--workers {self.workers} must be at least 1", hint="e.g. --workers 4")
         if not float(self.gpus_per_worker) >= 0:
@@ -163,11 +184,13 @@ def _ship_model(ray, fcn, loaded, model_file, workdir: Path) -> dict:
         return {"kind": "module", "ref": ray.put(fcn)}
 
 
-class _Predictor:
-    """A Ray Data actor: loads the network once, then runs ``run_image`` on each input of its batches."""
+class _Worker:
+    """A Ray Data actor: loads the network once, then runs its batches' rows: whole images (``run_image``, as
+    the local engine does) or tiles of an image the driver has shared out (``compute_shard``: it reads the
+    tiles' regions from the image itself and writes their chunks into the image's store)."""
 
     def __init__(self, model: dict, geometry, info: ModelInfo, options: HeatmapOptions, resume: bool,
-                 trust_model: bool):
+                 trust_model: bool, shards: dict):
         import ray  # lazy: Ray is optional (the actor runs where it is installed)
 
         data = ray.get(model["ref"]) if isinstance(model["ref"], ray.ObjectRef) else model["ref"]
@@ -182,12 +205,42 @@ class _Predictor:
             fcn = data
         self.job = ImageJob(fcn, geometry, info, options)
         self.resume = resume
+        self.shards = ray.get(shards["ref"]) if shards.get("ref") is not None else {}
+        self.views: OrderedDict[int, tuple] = OrderedDict()  # the images this actor has open, latest last
 
     def __call__(self, batch):
-        paths = [str(v) for v in batch.column("path").to_pylist()]
-        rows = run_paths(paths, batch.column("stem").to_pylist(), self.job, self.resume)
-        return rows_to_table(rows, batch.column("index").to_pylist(), batch.column("stem").to_pylist(),
-                             self.job.options.outdir)
+        import pyarrow as pa  # lazy: comes with Ray Data
+
+        indices, tiles = batch.column("index").to_pylist(), batch.column("tile").to_pylist()
+        paths, stems = batch.column("path").to_pylist(), batch.column("stem").to_pylist()
+        out: list[tuple[int, int, bytes]] = []
+        groups: dict[int, list[int]] = {}
+        for index, tile, path, stem in zip(indices, tiles, paths, stems, strict=True):
+            if tile < 0:
+                row = run_paths([path], [stem], self.job, self.resume)[0]
+                out.append((index, tile, pickle.dumps(row)))
+            else:
+                groups.setdefault(index, []).append(tile)
+        for index, group in groups.items():
+            try:
+                finished, runtime = compute_shard(self.shards[index], group, self.job, self._view(index))
+                out += [(index, tile, pickle.dumps(("ok", peaks, runtime))) for tile, peaks in finished]
+            except FcnifyError as exc:  # the driver turns it into the image's error row
+                out += [(index, tile, pickle.dumps(("error", str(exc)))) for tile in group]
+        return pa.table({"index": pa.array([o[0] for o in out], pa.int64()),
+                         "tile": pa.array([o[1] for o in out], pa.int64()),
+                         "payload": pa.array([o[2] for o in out], pa.binary())})
+
+    def _view(self, index: int):
+        """The image of shard ``index``, opened once per actor (a few kept open: many slides share the pool)."""
+        if index not in self.views:
+            options = self.job.options
+            source = open_source(self.shards[index].path, options.max_pixels)
+            self.views[index] = (source, open_view(source, level=options.level, mpp=options.mpp, scale=options.scale))
+            while len(self.views) > _OPEN_IMAGES:
+                self.views.popitem(last=False)[1][0].close()
+        self.views.move_to_end(index)
+        return self.views[index][1]
 
 
 def _cause(exc: BaseException) -> BaseException:
@@ -203,8 +256,78 @@ def _cause(exc: BaseException) -> BaseException:
     return exc
 
 
+def _split(ray_options: RayOptions, count: int) -> str:
+    """``tiles`` or ``images``: ``auto`` shares images out tile by tile when there are too few of them to keep
+    every actor busy with whole images (fewer than two per actor), and whole images otherwise."""
+    if ray_options.split != "auto":
+        return ray_options.split
+    return "tiles" if count < 2 * int(ray_options.workers) else "images"
+
+
+class _SharedImages:
+    """The driver's side of images shared out tile by tile: it plans each one and opens its store
+    (``ImageRun.open``/``start``), records the tiles workers report (the store's resume log), and finishes
+    each image (previews, viewer files, the store renamed into place) once its last tile is in."""
+
+    def __init__(self, job: ImageJob, resume: bool):
+        self.job, self.resume = job, resume
+        self.runs: dict[int, ImageRun] = {}
+        self.left: dict[int, int] = {}
+        self.errors: dict[int, str] = {}
+        self.started: dict[int, float] = {}
+        self.given: dict[int, str] = {}
+
+    def prepare(self, index: int, path: str, stem: str) -> tuple[SummaryRow | None, list[int] | None]:
+        """(the image's row, if it is done already or failed; its tiles to share out, None: send it whole)."""
+        self.started[index] = time.perf_counter()
+        run = ImageRun(readable_path(path), stem, self.job, self.resume)
+        try:
+            done = run.open()
+            if done is None and run.splittable:
+                run.start()
+                self.runs[index], self.given[index] = run, path
+                self.left[index] = len(run.todo)
+                return None, [run.tiles.index(t) for t in run.todo]
+        except FcnifyError as exc:
+            done = run.failed(str(exc), self.started[index])
+        finally:
+            if index not in self.runs:
+                run.close()
+        if done is not None:
+            done.path = path
+        return done, None
+
+    def shards(self) -> dict[int, TileShard]:
+        return {index: run.shard() for index, run in self.runs.items()}
+
+    def reported(self, index: int, tile: int, payload: tuple) -> SummaryRow | None:
+        """Take in a worker's report on one tile; the image's row once it was the last."""
+        if payload[0] == "ok":
+            self.runs[index].tile_finished(tile, payload[1], payload[2])
+        else:
+            self.errors.setdefault(index, payload[1])
+        self.left[index] -= 1
+        return self.finish(index) if self.left[index] == 0 else None
+
+    def finish(self, index: int) -> SummaryRow:
+        run = self.runs.pop(index)
+        try:
+            row = run.failed(self.errors[index], self.started[index]) if index in self.errors else run.finish()
+        except FcnifyError as exc:
+            row = run.failed(str(exc), self.started[index])
+        finally:
+            run.close()
+        row.path = self.given[index]
+        row.seconds = time.perf_counter() - self.started[index]
+        return row
+
+    def close(self) -> None:
+        for run in self.runs.values():
+            run.close()
+
+
 def run_ray(paths, stems, fcn, geometry, loaded, info: ModelInfo, options, ray_options: RayOptions, resume,
-             model_file, trust_model) -> JobResult:
+             model_file, trust_model, metadata=None) -> JobResult:
     # What would fail in every actor fails here, once: an actor sees only the GPUs Ray gives it.
     if ray_options.gpus_per_worker == 0 and str(options.device).startswith("cuda"):
         raise InputError(f"--device {options.device} with --engine ray needs GPUs for the workers",
@@ -216,14 +339,31 @@ def run_ray(paths, stems, fcn, geometry, loaded, info: ModelInfo, options, ray_o
     outdir = Path(os.path.abspath(outdir_given))
     outdir.mkdir(parents=True, exist_ok=True)
     worker_options = replace(options, outdir=outdir)
+    split = _split(ray_options, len(paths))
     need_cpus = max(1, math.ceil(ray_options.workers * ray_options.cpus_per_worker))
+    rows: list[SummaryRow | None] = [None] * len(paths)
+    # The driver plans shared images and writes their previews on the CPU: the workers hold the accelerators.
+    shared = _SharedImages(ImageJob(fcn, geometry, info, replace(worker_options, device="cpu", precision="fp32"),
+                                    metadata), resume) if split == "tiles" else None
     with ray_session(ray_options.address, num_cpus=max(need_cpus, os.cpu_count() or 1)) as ray, \
-            tempfile.TemporaryDirectory(prefix="fcnify-ray-") as tmp:
+            tempfile.TemporaryDirectory(prefix="fcnify-ray-") as tmp, contextlib.ExitStack() as cleanup:
         import ray.data  # lazy: Ray is optional
 
+        items = []
+        for i, (path, stem) in enumerate(zip(paths, stems, strict=True)):
+            tiles = None
+            if shared is not None and "://" not in path:  # a URI is read whole, by one worker
+                rows[i], tiles = shared.prepare(i, path, stem)
+            if rows[i] is not None:
+                continue
+            for tile in tiles if tiles is not None else [-1]:
+                items.append({"index": i, "tile": tile, "path": readable_path(path), "stem": stem})
+        if shared is not None:
+            cleanup.callback(shared.close)
+            for i in [i for i, left in shared.left.items() if left == 0]:  # all background, or all resumed
+                rows[i] = shared.finish(i)
         model = _ship_model(ray, fcn, loaded, model_file, Path(tmp))
-        items = [{"index": i, "path": p, "stem": s}
-                 for i, (p, s) in enumerate(zip(paths, stems, strict=True))]
+        shards = {"ref": ray.put(shared.shards())} if shared is not None and shared.runs else {}
         # About one block per batch, and at least one per actor, so that every actor gets work.
         blocks = max(1, min(len(items), max(ray_options.workers, math.ceil(len(items) / options.batch_size))))
         # A dead actor is restarted and its batch retried: Ray Data's actor pools do so by default.
@@ -232,24 +372,38 @@ def run_ray(paths, stems, fcn, geometry, loaded, info: ModelInfo, options, ray_o
                    if value is not None}
         start = time.perf_counter()
         try:
-            ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
-                _Predictor,
-                fn_constructor_kwargs={"model": model, "geometry": geometry, "info": info,
-                                       "options": worker_options, "resume": resume, "trust_model": trust_model},
-                batch_size=options.batch_size, batch_format="pyarrow",
-                compute=ray.data.ActorPoolStrategy(size=ray_options.workers),
-                num_cpus=ray_options.cpus_per_worker, num_gpus=ray_options.gpus_per_worker or None,
-                **retries,
-            )
-            done = ds.materialize()
+            if items:
+                ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+                    _Worker,
+                    fn_constructor_kwargs={"model": model, "geometry": geometry, "info": info,
+                                           "options": worker_options, "resume": resume, "trust_model": trust_model,
+                                           "shards": shards},
+                    batch_size=options.batch_size, batch_format="pyarrow",
+                    compute=ray.data.ActorPoolStrategy(size=ray_options.workers),
+                    num_cpus=ray_options.cpus_per_worker, num_gpus=ray_options.gpus_per_worker or None,
+                    **retries,
+                )
+                # Streamed: the driver records each tile as it arrives (so a killed driver can --resume) and
+                # finishes an image while the actors go on with the next.
+                for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                    for index, tile, payload in zip(block.column("index").to_pylist(),
+                                                    block.column("tile").to_pylist(),
+                                                    block.column("payload").to_pylist(), strict=True):
+                        result = pickle.loads(payload)
+                        if tile < 0:
+                            result.path = paths[index]
+                            rows[index] = result
+                        else:
+                            rows[index] = shared.reported(index, tile, result) or rows[index]
             seconds = time.perf_counter() - start
+            missing = [paths[i] for i, row in enumerate(rows) if row is None]
+            if missing:
+                raise InternalError(f"the Ray job returned no result for {missing[0]}", hint="please report this")
+            table = rows_to_table(rows, range(len(rows)), stems, outdir)
             summary_path = outdir / SUMMARY_NAME
             clear_summary(summary_path)
             # Ray Data's own writer: a folder of Parquet files (one here, all rows being few and small).
-            done.write_parquet(str(summary_path), min_rows_per_file=max(1, len(items)))
-            import pyarrow as pa  # lazy: heavy (see summary.py)
-
-            table = pa.concat_tables(ray.get(done.to_arrow_refs())) if items else summary_schema().empty_table()
+            ray.data.from_arrow(table).write_parquet(str(summary_path), min_rows_per_file=max(1, len(rows)))
         except FcnifyError:
             raise
         except Exception as exc:
@@ -260,7 +414,7 @@ def run_ray(paths, stems, fcn, geometry, loaded, info: ModelInfo, options, ray_o
             raise EngineError(f"the Ray job failed: {type(exc).__name__}: {detail}",
                               hint="see the Ray output above; rerun the same command with --resume to go on") from exc
         context = ray.get_runtime_context()
-        cluster = {"address": context.gcs_address,
+        cluster = {"address": context.gcs_address, "split": split,
                    "nodes": sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive")),
                    "node_ips": sorted({n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")})}
     _, rows = table_to_rows(table, outdir_given)

@@ -70,4 +70,4 @@ def run_job(paths: Sequence[str], fcn, geometry, loaded, options: HeatmapOptions
     ray_options = ray_options or RayOptions()
     ray_options.validate()
     return run_ray(paths, stems, fcn, geometry, loaded, model, options, ray_options, resume, model_file,
-                    trust_model)
+                   trust_model, metadata)

@@ -33,7 +33,7 @@ from fcnify.errors import OutputError
 from fcnify.heatmap.plan import Tile, TilePlan
 from fcnify.heatmap.viewers import ngff_attrs, write_ngff_levels
 
-__all__ = ["ArraySink", "SCORE_DTYPES", "Staged", "ZarrSink", "open_scores", "partial_path", "read_store_attrs",
+__all__ = ["ArraySink", "SCORE_DTYPES", "Staged", "TileWriter", "ZarrSink", "open_scores", "partial_path", "read_store_attrs",
            "write_npz"]
 
 _logger = logging.getLogger(__name__)
@@ -252,8 +252,7 @@ class ZarrSink:
         return done
 
     def write(self, tile: Tile, scores: np.ndarray) -> None:
-        self.array[:, tile.rows.first:tile.rows.last, tile.cols.first:tile.cols.last] = \
-            scores.astype(self.array.dtype, copy=False)
+        write_tile(self.array, tile, scores)
 
     def mark_done(self, tile: Tile) -> None:
         """Record ``tile`` as finished (after its chunk is written)."""
@@ -281,6 +280,27 @@ class ZarrSink:
     def close(self) -> None:
         if not self._log.closed:
             self._log.close()
+
+
+def write_tile(array, tile: Tile, scores: np.ndarray) -> None:
+    """Write a tile's K×h×w probabilities into its chunk of the store's ``scores``."""
+    array[:, tile.rows.first:tile.rows.last, tile.cols.first:tile.cols.last] = scores.astype(array.dtype, copy=False)
+
+
+class TileWriter:
+    """A worker's handle on a partial store made by ``ZarrSink``: it writes tiles' chunks and nothing else (the
+    process that owns the store records finished tiles, once the worker has reported them)."""
+
+    def __init__(self, folder: Path):
+        try:
+            self.array = zarr.open_array(str(Path(folder) / "scores"), mode="r+", zarr_format=3)
+        except Exception as exc:
+            raise OutputError(f"cannot open the score store {folder} to write tiles: {exc}",
+                              hint="workers must see the output folder at the same path as the driver "
+                                   "(a shared filesystem on a cluster)") from exc
+
+    def write(self, tile: Tile, scores: np.ndarray) -> None:
+        write_tile(self.array, tile, scores)
 
 
 def read_store_attrs(path: Path) -> dict | None:
