@@ -3,7 +3,8 @@
 Sections: dense vs naive sliding window (and vs the bare backbone), gigapixel slides through the whole
 ``fcnify heatmap`` process (peak RSS and time against slide size, ResNet-50, network share, foreground
 skipping, a naive patch loop, tiles vs one shot on a PNG; ``gigapixel.py``), finer output stride by dilation vs
-shift-and-stitch, ONNX Runtime vs PyTorch on the CPU, local vs Ray engines, and CUDA precision/layout (skipped
+shift-and-stitch, ONNX Runtime vs PyTorch on the CPU, local vs Ray engines, one slide's tiles over Ray workers and every viewer
+format (``clusters.py``), and CUDA precision/layout (skipped
 without CUDA).
 
     python benchmarks/run.py                 # the full run (about 40 minutes on 2 CPU cores)
@@ -310,6 +311,18 @@ def bench_engines(report: list[str], results: dict, quick: bool) -> None:
                "time includes starting its actors and loading the model in each.", "", engines.markdown(rows), ""]
 
 
+def bench_clusters(report: list[str], results: dict, quick: bool) -> None:
+    """One slide's tiles over 1 and 2 Ray workers, many small slides, every viewer format: ``clusters.py``."""
+    if quick:  # starting Ray costs more than the rest of --quick; tests/test_ray_tiles.py covers the engine
+        return
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import clusters
+
+    lines, figures = clusters.run(quick=False)
+    results["clusters"] = figures
+    report += ["## Slides over Ray, and every viewer format", "", *lines]
+
+
 def machine(threads: int) -> list[str]:
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
@@ -332,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-o", "--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="also write the raw figures as JSON")
-    parser.add_argument("--only", default="dense,gigapixel,stride,onnx,engines,cuda",
+    parser.add_argument("--only", default="dense,gigapixel,stride,onnx,engines,clusters,cuda",
                         help="comma-separated sections")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
@@ -348,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
              ("stride", lambda: bench_stride(cfg, report, results)),
              ("onnx", lambda: bench_onnx(cfg, report, results, args.threads)),
              ("engines", lambda: bench_engines(report, results, args.quick)),
+             ("clusters", lambda: bench_clusters(report, results, args.quick)),
              ("cuda", lambda: bench_cuda(cfg, report, results, args.quick))]
     for name, step in steps:
         if name in sections:

@@ -72,6 +72,10 @@ def _session(source: str | os.PathLike | bytes, providers: list[str]):
     # the network needs (measured: 8000² slide, digits model, peak RSS 3.3 GB with it, 1.8 GB without, same
     # speed). Without it, buffers go back to the allocator after each run.
     options.enable_cpu_mem_arena = False
+    # As many threads as PyTorch uses: onnxruntime's default is every physical core, which oversubscribes the
+    # CPUs when Ray runs several actors on a machine (Ray caps each actor's threads through OMP_NUM_THREADS,
+    # which PyTorch follows and onnxruntime does not).
+    options.intra_op_num_threads = max(1, torch.get_num_threads())
     data = source if isinstance(source, bytes) else str(source)
     return ort.InferenceSession(data, sess_options=options, providers=providers)
 

@@ -1,7 +1,8 @@
 """The Ray engine: a Ray Data pipeline over the inputs, or over the tiles of the slides.
 
 The work becomes a dataset and ``map_batches`` runs it in one pool of actors, each loading the converted
-network once (shipped as ``.pt2`` bytes through the object store, never re-converted per image). Its rows are
+network once (shipped through the object store: the user's ``.pt2``/``.onnx`` bytes, or the converted module;
+never re-converted per image). Its rows are
 whole images (the actor runs the local pipeline on them) or, for slides shared out tile by tile, tile
 indices: the driver plans each slide and opens its zarr store (``ImageRun``), only tile indices travel, each
 actor reads its tiles' regions from the slide itself and writes their chunks into the store (one chunk per
@@ -168,8 +169,10 @@ def ray_session(address: str | None = None, num_cpus: int | None = None,
 
 
 def _ship_model(ray, fcn, loaded, model_file, workdir: Path) -> dict:
-    """Put the network in the object store once, for every actor: the user's ``.pt2``/``.onnx`` bytes, else
-    the converted network exported to ``.pt2``; a network torch.export cannot capture travels pickled."""
+    """Put the network in the object store once, for every actor: the user's ``.pt2``/``.onnx`` bytes as they
+    are; else the converted network itself (Ray's pickling, between this driver and its own actors), which
+    keeps what a ``.pt2`` round trip loses: the module the local engine runs, exportable to onnxruntime by
+    ``--runtime auto`` as it is there. A network Ray cannot pickle travels as a ``.pt2``."""
     if model_file is not None and Path(model_file).suffix in (".pt2", ".onnx"):
         path = Path(model_file)
         return {"kind": "file", "suffix": path.suffix, "ref": ray.put(path.read_bytes())}
@@ -177,11 +180,15 @@ def _ship_model(ray, fcn, loaded, model_file, workdir: Path) -> dict:
         path = Path(loaded.extra["path"])  # an .onnx loaded by load_onnx_model
         return {"kind": "file", "suffix": path.suffix, "ref": ray.put(path.read_bytes())}
     try:
-        target = save_pt2(fcn, ModelMetadata.of(loaded, fcn), workdir / "model.pt2")
-        return {"kind": "file", "suffix": ".pt2", "ref": ray.put(target.read_bytes())}
-    except (ExportError, AttributeError) as exc:
-        _logger.warning("shipping the network pickled: it cannot be exported to .pt2 (%s)", exc)
         return {"kind": "module", "ref": ray.put(fcn)}
+    except Exception as exc:  # Ray's pickling fails in many ways (a lambda, a lock, a C extension object)
+        _logger.warning("shipping the network as .pt2: Ray cannot pickle it (%s)", first_line(exc))
+    try:
+        target = save_pt2(fcn, ModelMetadata.of(loaded, fcn), workdir / "model.pt2")
+    except (ExportError, AttributeError) as exc:
+        raise EngineError(f"cannot send the network to the Ray workers: {first_line(exc)}",
+                          hint="use --engine local") from exc
+    return {"kind": "file", "suffix": ".pt2", "ref": ray.put(target.read_bytes())}
 
 
 class _Worker:
@@ -190,7 +197,7 @@ class _Worker:
     tiles' regions from the image itself and writes their chunks into the image's store)."""
 
     def __init__(self, model: dict, geometry, info: ModelInfo, options: HeatmapOptions, resume: bool,
-                 trust_model: bool, shards: dict):
+                 trust_model: bool, shards: dict, metadata: ModelMetadata | None = None):
         import ray  # lazy: Ray is optional (the actor runs where it is installed)
 
         data = ray.get(model["ref"]) if isinstance(model["ref"], ray.ObjectRef) else model["ref"]
@@ -203,7 +210,9 @@ class _Worker:
             fcn, geometry = loaded.module, loaded.geometry or geometry
         else:
             fcn = data
-        self.job = ImageJob(fcn, geometry, info, options)
+        # With the metadata, --runtime auto may run the tiles on onnxruntime here as the local engine would
+        # (0.55x PyTorch's time on the CPU); without it the actor would stay on PyTorch.
+        self.job = ImageJob(fcn, geometry, info, options, metadata)
         self.resume = resume
         self.shards = ray.get(shards["ref"]) if shards.get("ref") is not None else {}
         self.views: OrderedDict[int, tuple] = OrderedDict()  # the images this actor has open, latest last
@@ -364,8 +373,11 @@ def run_ray(paths, stems, fcn, geometry, loaded, info: ModelInfo, options, ray_o
                 rows[i] = shared.finish(i)
         model = _ship_model(ray, fcn, loaded, model_file, Path(tmp))
         shards = {"ref": ray.put(shared.shards())} if shared is not None and shared.runs else {}
-        # About one block per batch, and at least one per actor, so that every actor gets work.
-        blocks = max(1, min(len(items), max(ray_options.workers, math.ceil(len(items) / options.batch_size))))
+        # Ray Data gathers rows into batches of batch_size before handing them out: with few rows, one batch
+        # would take them all and leave the other actors idle (measured: 8 slides on 2 workers ran on one). So a
+        # batch is at most a share of the rows that gives every actor two, and a block is one batch.
+        batch = max(1, min(options.batch_size, math.ceil(len(items) / (2 * ray_options.workers))))
+        blocks = max(1, math.ceil(len(items) / batch))
         # A dead actor is restarted and its batch retried: Ray Data's actor pools do so by default.
         retries = {name: value for name, value in (("max_restarts", ray_options.max_restarts),
                                                    ("max_task_retries", ray_options.max_task_retries))
@@ -377,8 +389,8 @@ def run_ray(paths, stems, fcn, geometry, loaded, info: ModelInfo, options, ray_o
                     _Worker,
                     fn_constructor_kwargs={"model": model, "geometry": geometry, "info": info,
                                            "options": worker_options, "resume": resume, "trust_model": trust_model,
-                                           "shards": shards},
-                    batch_size=options.batch_size, batch_format="pyarrow",
+                                           "shards": shards, "metadata": metadata},
+                    batch_size=batch, batch_format="pyarrow",
                     compute=ray.data.ActorPoolStrategy(size=ray_options.workers),
                     num_cpus=ray_options.cpus_per_worker, num_gpus=ray_options.gpus_per_worker or None,
                     **retries,
