@@ -274,7 +274,7 @@ def ray_head(tmp_path_factory):
     """``ray start --head --block`` on 127.0.0.1 with token authentication, in its own session; stopped by
     killing that session's process group (never ``ray stop``, which would stop every Ray on the machine)."""
     pytest.importorskip("ray.data")
-    from test_ray import use_test_token
+    from ray_helpers import use_test_token
 
     with pytest.MonkeyPatch.context() as mp:
         token = use_test_token(mp)
