@@ -281,7 +281,7 @@ class _SharedImages:
     def __init__(self, job: ImageJob, resume: bool):
         self.job, self.resume = job, resume
         self.runs: dict[int, ImageRun] = {}
-        self.left: dict[int, int] = {}
+        self.left: dict[int, set[int]] = {}  # tiles not reported yet, per image
         self.errors: dict[int, str] = {}
         self.started: dict[int, float] = {}
         self.given: dict[int, str] = {}
@@ -295,8 +295,8 @@ class _SharedImages:
             if done is None and run.splittable:
                 run.start()
                 self.runs[index], self.given[index] = run, path
-                self.left[index] = len(run.todo)
-                return None, [run.tiles.index(t) for t in run.todo]
+                self.left[index] = {run.tiles.index(t) for t in run.todo}
+                return None, sorted(self.left[index])
         except FcnifyError as exc:
             done = run.failed(str(exc), self.started[index])
         finally:
@@ -311,12 +311,14 @@ class _SharedImages:
 
     def reported(self, index: int, tile: int, payload: tuple) -> SummaryRow | None:
         """Take in a worker's report on one tile; the image's row once it was the last."""
+        if tile not in self.left.get(index, ()):  # reported twice (a retried batch): the first one counts
+            return None
+        self.left[index].discard(tile)
         if payload[0] == "ok":
             self.runs[index].tile_finished(tile, payload[1], payload[2])
         else:
             self.errors.setdefault(index, payload[1])
-        self.left[index] -= 1
-        return self.finish(index) if self.left[index] == 0 else None
+        return None if self.left[index] else self.finish(index)
 
     def finish(self, index: int) -> SummaryRow:
         run = self.runs.pop(index)
@@ -369,7 +371,7 @@ def run_ray(paths, stems, fcn, geometry, loaded, info: ModelInfo, options, ray_o
                 items.append({"index": i, "tile": tile, "path": readable_path(path), "stem": stem})
         if shared is not None:
             cleanup.callback(shared.close)
-            for i in [i for i, left in shared.left.items() if left == 0]:  # all background, or all resumed
+            for i in [i for i, left in shared.left.items() if not left]:  # all background, or all resumed
                 rows[i] = shared.finish(i)
         model = _ship_model(ray, fcn, loaded, model_file, Path(tmp))
         shards = {"ref": ray.put(shared.shards())} if shared is not None and shared.runs else {}
