@@ -15,8 +15,6 @@ so the Ray figures include starting a local Ray (127.0.0.1 only), its actors and
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import tempfile
@@ -25,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from gigapixel import _log, make_slide, mb, run_cli, tick  # noqa: E402
+from gigapixel import _log, make_slide, mb, run_cli, section_main, tick  # noqa: E402
 
 FULL = {"slide": 24000, "small": 2000, "count": 16}
 QUICK = {"slide": 2048, "small": 512, "count": 4}
@@ -105,15 +103,7 @@ def markdown(res: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args(argv)
-    lines, res = run(quick=args.quick)
-    print("\n".join(lines))
-    if args.json:
-        args.json.write_text(json.dumps(res, indent=1, default=str))
-    return 0
+    return section_main(run, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

@@ -515,17 +515,21 @@ def _rest_lines(L, res, cfg, goals) -> None:
     L += ["", f"Section time: {res['seconds'] / 60:.1f} min.", ""]
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def section_main(run_section, description: str, argv: list[str] | None = None) -> int:
+    """A benchmark section run on its own: ``--quick``, ``--json FILE``; prints its Markdown."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", type=Path)
-    args = parser.parse_args(argv)
-    lines, res = run(args.quick)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    lines, res = run_section(quick=args.quick)
     print("\n".join(lines))
     if args.json:
         args.json.write_text(json.dumps(res, indent=1, default=str))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return section_main(run, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

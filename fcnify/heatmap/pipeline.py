@@ -656,7 +656,7 @@ class ImageRun:
     @property
     def splittable(self) -> bool:
         """Whether workers can share this image's tiles: a store on disk (zarr) with more than one tile."""
-        return self.format == "zarr" and not self.job.options.scales and self.tiles.count > 1
+        return self.format == "zarr" and self.tiles.count > 1  # --scales maps are always npz
 
     def start(self) -> None:
         """Find the background, open the score store (going on with a partial one when resuming) and list the
@@ -734,12 +734,12 @@ class ImageRun:
         if self.progress is not None:
             self.progress(self.state)
 
-    def shard(self, path: str | None = None) -> TileShard:
+    def shard(self) -> TileShard:
         """What workers need to compute this image's tiles into its store (``compute_shard``)."""
         if not isinstance(self.sink, sinks.ZarrSink):
             raise InternalError(f"{self.path}: only an image with a zarr store can be shared out tile by tile",
                                 hint="please report this")
-        return TileShard(path or self.path, self.tiles, self.mask, self.sink.folder, self._todo_pixels())
+        return TileShard(self.path, self.tiles, self.mask, self.sink.folder, self._todo_pixels())
 
     def tile_finished(self, index: int, peaks: compute.PeakTracker, runtime: str | None = None) -> None:
         """A worker wrote tile ``index`` into the store: record it (the resume log) and merge its peaks."""
