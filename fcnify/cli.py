@@ -205,11 +205,14 @@ def convert(
     if loaded.converted:
         raise InputError(f"{model} is already converted", hint="use it with 'fcnify heatmap', or check it with 'fcnify verify FILE --against SOURCE'")
     output = output or Path(f"{loaded.name}.fcn.pt2")
+    layout = loaded.extra.get("input_layout")
+    if layout and onnx is None:  # an ONNX classifier: its conversion as ONNX too, beside the .pt2
+        onnx = output.with_suffix(".onnx")
     for path in (output, onnx):
         if path is not None and path.exists() and not force:
             raise OutputError(f"{path} already exists", hint="pass --force to overwrite it, or choose another path")
     fcn = _convert(loaded)
-    report = run_verify(loaded.module, fcn, dense_cells=0)
+    report = run_verify(loaded.original, fcn, dense_cells=0)
     if not report.passed:
         raise NotEquivalentError(
             f"the converted network differs from the original by {report.strict.max_rel_error:.2e} (relative) "
@@ -221,6 +224,8 @@ def convert(
               "preprocessing": loaded.preprocessing,
               "geometry": fcn.geometry.to_dict(), "verification": report.to_dict(),
               "rewrites": [vars(r) for r in fcn.rewrites]}
+    if layout:
+        result["input_layout"] = {"original": layout, "converted": "NCHW"}
     if onnx is not None:
 
         onnx_report = export_onnx(fcn, metadata, onnx, force=force)
@@ -243,6 +248,16 @@ def convert(
                       f"onnxruntime agrees with PyTorch at {checked})")
     console.print(f"[green]wrote[/] {output}  (torch.export.load('{output}').module() runs any H×W ≥ "
                   f"{fcn.input_size[0]}×{fcn.input_size[1]})")
+    if layout:
+        console.print(_layout_line(loaded.source, layout), highlight=False)
+
+
+def _layout_line(source: str, layout: str) -> str:
+    """One line on the input layout of a converted ONNX classifier (NHWC originals take NCHW once converted)."""
+    if layout == "NHWC":
+        return (f"input layout: {source} takes N×H×W×C images; the converted network takes N×C×H×W, as every "
+                "fcnify network (input_layout NHWC recorded in the metadata)")
+    return f"input layout: N×C×H×W, as {source}"
 
 
 def _training_size_images(paths: list[Path], loaded, size) -> list:
@@ -288,13 +303,13 @@ def verify(
         original = _load(against, weights, arch, input_size or "x".join(map(str, loaded.input_size)), trust_model,
                          _Preprocessing(in_chans=in_chans), note=False)
         onnx_path = model if model.endswith(".onnx") else None
-        report = verify_converted(original.module, loaded.module, loaded.input_size, loaded.in_chans,
-                                  loaded.geometry, samples, onnx_path=onnx_path)
+        report = verify_converted(original.original, loaded.module, loaded.input_size, loaded.in_chans,
+                                  loaded.geometry, samples, onnx_path=onnx_path, convertible=original.module)
         _print_report(report, loaded.geometry, as_json)
         return
     fcn = _convert(loaded)
     real = _training_size_images(image or [], loaded, fcn.input_size)
-    report = run_verify(loaded.module, fcn, samples=samples, images=real, device=device, dense_cells=cells)
+    report = run_verify(loaded.original, fcn, samples=samples, images=real, device=device, dense_cells=cells)
     _print_report(report, fcn.geometry, as_json)
 
 

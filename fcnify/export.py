@@ -45,13 +45,16 @@ class ModelMetadata:
     source: str
     fcnify_version: str = ""
     normalisation: str = ""  # where mean/std came from (flag, metadata, zoo, assumed): said again on use
+    # The original's input layout when it was an ONNX file (NCHW or NHWC); the converted network always
+    # takes N×C×H×W.
+    input_layout: str = ""
 
     def to_dict(self) -> dict:
         return {
             "input_size": list(self.input_size), "in_chans": self.in_chans, "mean": list(self.mean),
             "std": list(self.std), "labels": list(self.labels), "geometry": self.geometry.to_dict(),
             "source": self.source, "fcnify_version": self.fcnify_version or __version__,
-            "normalisation": self.normalisation,
+            "normalisation": self.normalisation, **({"input_layout": self.input_layout} if self.input_layout else {}),
         }
 
     @classmethod
@@ -59,7 +62,8 @@ class ModelMetadata:
         """The metadata of ``fcn``, converted from ``loaded`` (a ``LoadedModel``)."""
         return cls(tuple(fcn.input_size), int(fcn.in_chans), tuple(loaded.mean), tuple(loaded.std),
                    tuple(str(v) for v in loaded.labels), fcn.geometry, loaded.source,
-                   normalisation=getattr(loaded, "normalisation", None) or "")
+                   normalisation=getattr(loaded, "normalisation", None) or "",
+                   input_layout=str(getattr(loaded, "extra", {}).get("input_layout", "")))
 
     @classmethod
     def parse(cls, raw: str | bytes, where: str) -> ModelMetadata:
@@ -89,7 +93,7 @@ class ModelMetadata:
             input_size=tuple(data["input_size"]), in_chans=int(data["in_chans"]), mean=tuple(data["mean"]),
             std=tuple(data["std"]), labels=tuple(data["labels"]), geometry=Geometry.from_dict(data["geometry"]),
             source=str(data.get("source", "")), fcnify_version=str(data.get("fcnify_version", "")),
-            normalisation=str(data.get("normalisation") or ""),
+            normalisation=str(data.get("normalisation") or ""), input_layout=str(data.get("input_layout") or ""),
         )
 
 

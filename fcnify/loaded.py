@@ -30,7 +30,10 @@ class LoadedModel:
         converted: the network is already fully convolutional (a ``.pt2``), with ``geometry`` set.
         normalisation: where ``mean``/``std`` came from: ``flag``, ``metadata``, ``zoo`` or
             ``assumed (ImageNet)`` (nothing said how the model was trained).
-        extra: facts of the loader (``path``: the file the weights or model came from).
+        extra: facts of the loader (``path``: the file the weights or model came from; ``input_layout``: an ONNX
+            original's input layout).
+        reference: what a conversion is checked against when it is not ``module`` itself: for an ONNX file,
+            onnxruntime running the original file (``module`` is then its import into PyTorch).
     """
 
     module: nn.Module
@@ -44,6 +47,12 @@ class LoadedModel:
     geometry: object | None = None
     extra: dict = field(default_factory=dict)
     normalisation: str | None = None
+    reference: nn.Module | None = None
+
+    @property
+    def original(self) -> nn.Module:
+        """The classifier conversions are verified against: ``reference`` when set, else ``module``."""
+        return self.reference if self.reference is not None else self.module
 
     @property
     def name(self) -> str:

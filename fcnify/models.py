@@ -30,11 +30,12 @@ from torch import nn
 from fcnify import zoo
 from fcnify.convert import parse_input_size
 from fcnify.convert.from_export import exported_classes, exported_input_shape, rebuild_modules
+from fcnify.convert.from_onnx import import_onnx, read_onnx
 from fcnify.errors import InputError, ModelLoadError, UnsafeModelError, describe, first_line
 from fcnify.export import load_pt2
 from fcnify.introspect import input_channels
 from fcnify.loaded import ASSUMED, FROM_FLAG, FROM_METADATA, FROM_ZOO, LoadedModel
-from fcnify.onnx_runtime import load_onnx_model
+from fcnify.onnx_runtime import OnnxClassifier, has_fcnify_metadata, load_onnx_model
 from fcnify.optional import require
 
 _logger = logging.getLogger(__name__)
@@ -453,7 +454,7 @@ def load_model(spec: str | None = "digits", weights: str = "default", arch: str 
                                      meta.source or str(path), converted=True, geometry=meta.geometry,
                                      normalisation=meta.normalisation or FROM_METADATA)
         elif path.suffix == ".onnx":
-            loaded = load_onnx_model(path)
+            loaded = load_onnx_model(path) if has_fcnify_metadata(path) else _onnx_classifier(path, input_size)
         elif arch:
             loaded = _load_weights_into(_build_arch(arch), path)
         elif path.suffix == ".safetensors":
@@ -483,6 +484,23 @@ def _exported_classifier(graph_module: nn.Module, path: Path) -> LoadedModel:
         loaded.labels = _default_labels(loaded.module, classes)
     if height and width:  # a static example size is the training size
         loaded.input_size = (height, width)
+    return loaded
+
+
+def _onnx_classifier(path: Path, input_size) -> LoadedModel:
+    """An ONNX classifier fcnify did not make: imported into PyTorch to be converted, and run by onnxruntime on
+    the original file as the reference its conversion is verified against."""
+    require("onnxruntime", None, "run ONNX files")
+    size = parse_input_size(input_size) if input_size is not None else None
+    imported = import_onnx(read_onnx(path), size, str(path))
+    loaded = _user_model(imported.module, str(path), path, imported.in_chans)
+    loaded.input_size = imported.input_size
+    if imported.classes[0]:
+        loaded.labels = _default_labels(loaded.module, imported.classes[0])
+    loaded.reference = OnnxClassifier(path, imported.input_layout)
+    loaded.extra.update(format="onnx", input_layout=imported.input_layout, outputs=list(imported.output_names))
+    _logger.info("%s: ONNX classifier without fcnify metadata, imported (%s input, %dx%d)", path,
+                 imported.input_layout, *imported.input_size)
     return loaded
 
 

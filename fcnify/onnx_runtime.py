@@ -134,7 +134,7 @@ class OnnxNet(nn.Module):
 
     def __deepcopy__(self, memo) -> OnnxNet:
         # An InferenceSession cannot be copied; the network is immutable, so a copy may share it.
-        clone = OnnxNet.__new__(OnnxNet)
+        clone = type(self).__new__(type(self))
         nn.Module.__init__(clone)
         for key, value in self.__dict__.items():
             if key not in ("_parameters", "_buffers", "_modules", "training"):
@@ -145,6 +145,45 @@ class OnnxNet(nn.Module):
     def extra_repr(self) -> str:
         source = "<bytes>" if isinstance(self._source, bytes) else self._source
         return f"{source}, providers={self.providers}"
+
+
+class OnnxClassifier(OnnxNet):
+    """An ONNX classifier fcnify did not make, run by onnxruntime on the original file: the reference that
+    ``verify`` checks its conversion against.
+
+    ``net(x)`` takes fcnify's N×C×H×W images whatever the file's layout (an NHWC graph gets them transposed)
+    and returns what the graph returns: one tensor, or a tuple for several outputs. A graph whose batch is
+    fixed at 1 runs image by image.
+    """
+
+    def __init__(self, source: str | os.PathLike | bytes, input_layout: str = "NCHW", device: str | None = None):
+        super().__init__(source, device=device, metadata=None)
+        self.input_layout = input_layout
+        shape = self.session.get_inputs()[0].shape
+        self.in_chans = shape[3] if input_layout == "NHWC" else shape[1]
+        self.one_image_a_run = shape[0] == 1
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def forward(self, x: torch.Tensor):
+        images = x.detach().to("cpu", torch.float32)
+        if self.input_layout == "NHWC":
+            images = images.permute(0, 2, 3, 1)
+        batches = images.split(1) if self.one_image_a_run else [images]
+        runs = [self.session.run(self.output_names, {self.input_name: b.contiguous().numpy()}) for b in batches]
+        dtype = x.dtype if x.is_floating_point() else torch.float32
+        outputs = [torch.cat([torch.from_numpy(run[i]) for run in runs]).to(device=x.device, dtype=dtype)
+                   for i in range(len(self.output_names))]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
+def has_fcnify_metadata(path: str | os.PathLike) -> bool:
+    """Whether an ``.onnx`` file carries fcnify's metadata (read without its weights)."""
+    onnx = require("onnx", None, "read ONNX files")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not an ONNX file: the loader says so
+        return False
+    return any(p.key == METADATA_KEY for p in model.metadata_props)
 
 
 def load_onnx_model(path: str | os.PathLike, device: str | None = None) -> LoadedModel:
@@ -174,4 +213,4 @@ def load_onnx_model(path: str | os.PathLike, device: str | None = None) -> Loade
                        extra={"format": "onnx", "path": str(path), "providers": net.providers})
 
 
-__all__ = ["METADATA_KEY", "OnnxNet", "load_onnx_model", "one_line_cause", "read_metadata"]
+__all__ = ["METADATA_KEY", "OnnxClassifier", "OnnxNet", "has_fcnify_metadata", "load_onnx_model", "one_line_cause", "read_metadata"]

@@ -126,8 +126,15 @@ def _inputs(count: int, in_chans: int, size: tuple[int, int], images: list[torch
 def check_training_size(model: nn.Module, fcn: nn.Module, input_size: tuple[int, int], in_chans: int,
                         samples: int = 4, images: list[torch.Tensor] | None = None, device: str | None = None,
                         seed: int = 0) -> tuple[Agreement, list[Agreement]]:
-    """The strict float64 gate and the float32 (and device) figures at the training size."""
+    """The strict float64 gate and the float32 (and device) figures at the training size.
+
+    A reference that runs outside PyTorch (onnxruntime on an original ``.onnx``) computes in float32 whatever it
+    is given: there the float32 figures are the gate.
+    """
     x = _inputs(samples, in_chans, input_size, images, seed)
+    if getattr(model, "runs_outside_torch", False):
+        fcn32 = _evaluating(copy.deepcopy(fcn).float())
+        return _compare(_logits(model, x), _logits(fcn32, x), "float32", "cpu (onnxruntime)", FP32_RTOL), []
     ref64 = _evaluating(copy.deepcopy(model).double())
     fcn64 = _evaluating(copy.deepcopy(fcn).double())
     strict = _compare(_logits(ref64, x.double()), _logits(fcn64, x.double()), "float64", "cpu", FP64_RTOL)
@@ -216,7 +223,8 @@ def verify(model: nn.Module, fcn: FullyConvolutionalNet, input_size=None, sample
 
 
 def verify_converted(original: nn.Module, converted: nn.Module, input_size, in_chans: int, geometry,
-                     samples: int = 4, onnx_path=None, seed: int = 0) -> EquivalenceReport:
+                     samples: int = 4, onnx_path=None, seed: int = 0,
+                     convertible: nn.Module | None = None) -> EquivalenceReport:
     """Check an already converted network (a loaded ``.pt2`` or ``.onnx``) against the original classifier.
 
     Args:
@@ -224,6 +232,8 @@ def verify_converted(original: nn.Module, converted: nn.Module, input_size, in_c
         converted: the loaded network (N×C×H×W → N×K×h×w).
         input_size, in_chans, geometry: from the file's metadata.
         onnx_path: for an ``.onnx``, also compare onnxruntime with a fresh PyTorch conversion at several sizes.
+        convertible: the PyTorch classifier that conversion starts from, when ``original`` runs outside PyTorch
+            (an ONNX original: its import).
     """
     strict, others = check_training_size(original, converted, tuple(input_size), in_chans, samples, seed=seed)
     runtime = []
@@ -232,5 +242,5 @@ def verify_converted(original: nn.Module, converted: nn.Module, input_size, in_c
         # onnxruntime computes in float32 whatever it is given: the float32 figures are the gate.
         strict, others = others[0], []
         strict.device = "cpu (onnxruntime)"
-        runtime = verify_onnx(onnx_path, original)
+        runtime = verify_onnx(onnx_path, convertible if convertible is not None else original)
     return EquivalenceReport(strict, others, None, geometry.to_dict(), runtime)

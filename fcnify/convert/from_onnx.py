@@ -338,6 +338,13 @@ def prepare_onnx(model, input_size=None, where: str = "the ONNX model"):
 # ------------------------------------------------------------------------------------------- plain ops
 
 
+class ImportedGraph(torch.fx.GraphModule):
+    """An imported classifier's graph, already plain ops: the conversion uses it as it is instead of tracing it
+    again, so its nodes keep the ONNX nodes' names (``meta[ONNX_NODE]``) for error messages."""
+
+    captured = True
+
+
 def _identifier(text: str) -> str:
     name = re.sub(r"\W+", "_", text).strip("_")
     return name if name and not name[0].isdigit() else f"n_{name}"
@@ -406,7 +413,7 @@ class _Plain:
                 self.fold(node)
             else:
                 self.env[node] = self.plain(node)
-        gm = torch.fx.GraphModule(self.root, self.graph, "OnnxClassifier")
+        gm = ImportedGraph(self.root, self.graph, "OnnxClassifier")
         gm.graph.eliminate_dead_code()
         gm.graph.lint()
         gm.recompile()
@@ -457,11 +464,11 @@ def _binary(p: _Plain, node, module):
     first, second = node.args
     if getattr(module, "broadcast", None) == 1 and module.axis is not None:
         raise p.refuse(node, "an opset-1 broadcast", hint="export the classifier again at opset 13 to 17")
-    for arg in (first, second):  # a 0-d constant is a number: the rules treat it as a scalar
+    def scalar(arg):  # a one-value constant is a number: the rules treat it as a scalar
         value = p.constant(arg)
-        if value is not None and value.numel() == 1 and value.dim() <= 1:
-            p.constants[arg] = value.reshape(()).item()
-    return p.call(node, fn, first, second)
+        return value.reshape(()).item() if value is not None and value.numel() == 1 and value.dim() <= 1 else arg
+
+    return p.call(node, fn, scalar(first), scalar(second))
 
 
 def _matmul(p: _Plain, node, module):
@@ -485,7 +492,7 @@ def _gemm(p: _Plain, node, module):
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=c is not None, dtype=weight.dtype)
     linear.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
     if c is not None:
-        linear.bias = nn.Parameter((bias * module.beta).expand(weight.shape[0]).contiguous(), requires_grad=False)
+        linear.bias = nn.Parameter((bias * module.beta).reshape(-1).expand(weight.shape[0]).contiguous(), requires_grad=False)
     return p.module(node, linear, a)
 
 
@@ -531,9 +538,9 @@ def _clip(p: _Plain, node, module):
 def _hard_sigmoid(p: _Plain, node, module):
     if math.isclose(module.alpha, 1 / 6, rel_tol=1e-6) and module.beta == 0.5:
         return p.module(node, nn.Hardsigmoid(), node.args[0])
-    scaled = p.call(node, operator.add, p.call(node, operator.mul, node.args[0], float(module.alpha)),
-                    float(module.beta))
-    return p.emit(node, "call_function", torch.clamp, [scaled, 0.0, 1.0])
+    scaled = p.call(node, operator.mul, node.args[0], float(module.alpha))
+    shifted = p.emit(node, "call_function", operator.add, [scaled, float(module.beta)])
+    return p.emit(node, "call_function", torch.clamp, [shifted, 0.0, 1.0])
 
 
 def _softmax(p: _Plain, node, module):
@@ -626,4 +633,4 @@ def import_onnx(model, input_size=None, where: str = "the ONNX model") -> Import
     return ImportedOnnx(plain, size, channels, layout, names, classes)
 
 
-__all__ = ["IMPORT_OPSET", "NCHW", "NHWC", "ONNX_NODE", "ImportedOnnx", "import_onnx", "prepare_onnx", "read_onnx"]
+__all__ = ["IMPORT_OPSET", "ImportedGraph", "NCHW", "NHWC", "ONNX_NODE", "ImportedOnnx", "import_onnx", "prepare_onnx", "read_onnx"]

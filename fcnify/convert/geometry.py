@@ -124,6 +124,9 @@ def _window_params(node: torch.fx.Node, name: str, module: nn.Module | None, in_
         p = pair(op.explicit_padding())
     if any(p):
         flags.padded = True
+    if op.ceil_mode and any((i + 2 * pp - dd * (kk - 1) - 1) % st for i, pp, kk, st, dd in zip(in_hw, p, k, s, d)):
+        flags.notes.append(f"node '{node.name}' ({name}, ceil mode) ends in a partial window at the training size; "
+                           "a dense pass sees more of the image there")
     return k, s, p, d
 
 

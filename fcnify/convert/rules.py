@@ -148,8 +148,9 @@ def refuse(node, why: str, hint: str | None = None) -> ConversionError:
     target = ""
     if isinstance(node, torch.fx.Node):
         target = f" ({node.op} {getattr(node.target, '__name__', node.target)})"
+    imported = node.meta.get("onnx_node") if isinstance(node, torch.fx.Node) else None
     return ConversionError(
-        f"cannot convert node '{where}'{target}: {why}",
+        f"cannot convert ONNX node {imported}: {why}" if imported else f"cannot convert node '{where}'{target}: {why}",
         hint=hint or "only position-wise operations may follow the flatten or global pool; "
         "move other operations before it, or report the model so a rule can be added",
     )

@@ -72,6 +72,8 @@ def capture(model: nn.Module) -> torch.fx.GraphModule:
     Raises:
         ConversionError: when the model's own top-level forward cannot be traced.
     """
+    if getattr(model, "captured", False):  # an imported graph (ONNX): already plain ops, its node names kept
+        return model
     leaf_types, autowrap = _timm_notrace() if _uses_timm(model) else (set(), set())
     leaf_names: set[str] = set()
     for _ in range(_MAX_FALLBACK_LEAVES):
