@@ -208,6 +208,8 @@ def convert(
     layout = loaded.extra.get("input_layout")
     if layout and onnx is None:  # an ONNX classifier: its conversion as ONNX too, beside the .pt2
         onnx = output.with_suffix(".onnx")
+        if onnx.resolve() == Path(model).resolve():  # never the original's own name
+            onnx = output.with_name(f"{output.stem}.fcn.onnx")
     for path in (output, onnx):
         if path is not None and path.exists() and not force:
             raise OutputError(f"{path} already exists", hint="pass --force to overwrite it, or choose another path")

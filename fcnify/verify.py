@@ -240,7 +240,7 @@ def verify_converted(original: nn.Module, converted: nn.Module, input_size, in_c
     if onnx_path is not None:
 
         # onnxruntime computes in float32 whatever it is given: the float32 figures are the gate.
-        strict, others = others[0], []
+        strict, others = (others[0] if others else strict), []
         strict.device = "cpu (onnxruntime)"
         runtime = verify_onnx(onnx_path, convertible if convertible is not None else original)
     return EquivalenceReport(strict, others, None, geometry.to_dict(), runtime)
