@@ -32,7 +32,7 @@ from fcnify.convert import parse_input_size
 from fcnify.convert.from_export import exported_classes, exported_input_shape, rebuild_modules
 from fcnify.convert.from_onnx import import_onnx, read_onnx
 from fcnify.errors import InputError, ModelLoadError, UnsafeModelError, describe, first_line
-from fcnify.export import load_pt2
+from fcnify.export import ExportedNet, load_pt2
 from fcnify.introspect import input_channels
 from fcnify.loaded import ASSUMED, FROM_FLAG, FROM_METADATA, FROM_ZOO, LoadedModel
 from fcnify.onnx_runtime import OnnxClassifier, has_fcnify_metadata, load_onnx_model
@@ -450,7 +450,7 @@ def load_model(spec: str | None = "digits", weights: str = "default", arch: str 
             if meta is None:  # the user's own torch.export archive of a classifier: convert it like a module
                 loaded = _exported_classifier(module, path)
             else:
-                loaded = LoadedModel(module, meta.input_size, meta.in_chans, meta.mean, meta.std, meta.labels,
+                loaded = LoadedModel(ExportedNet(module, meta), meta.input_size, meta.in_chans, meta.mean, meta.std, meta.labels,
                                      meta.source or str(path), converted=True, geometry=meta.geometry,
                                      normalisation=meta.normalisation or FROM_METADATA)
         elif path.suffix == ".onnx":

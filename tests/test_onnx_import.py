@@ -201,3 +201,30 @@ def test_cli_symbolic_size_needs_input_size(corpus, tmp_path):
     report = json.loads(ok.stdout)
     assert report["input_layout"] == {"original": NCHW, "converted": NCHW}
     assert report["geometry"]["global_context"] and report["onnx"]["output"].endswith("se.onnx")
+
+
+def test_two_onnx_heads_each_a_dense_map(tmp_path):
+    """A graph with two outputs: the converted network returns both by their ONNX names, each proven."""
+    path = tmp_path / "two_heads.onnx"
+    path.write_bytes(wild_onnx.two_heads())
+    loaded = load_model(str(path))
+    fcn = convert(loaded.module, loaded.input_size, loaded.in_chans)
+    assert fcn.output_names == ("bbox", "prob") and fcn.selected == "bbox"
+    assert fcn.channels == {"bbox": 4, "prob": 2}
+    for name in fcn.output_names:
+        fcn.select(name)
+        report = verify(loaded.original, fcn, dense_cells=6)
+        assert report.passed and fcn.geometry.exact
+        assert {a.output for a in report.outputs} == {"bbox", "prob"}
+        assert report.dense.max_rel_error <= RTOL
+    image = torch.randn(2, 3, 12 + 2 * 3, 12 + 2 * 5)
+    maps = fcn(image)
+    assert set(maps) == {"bbox", "prob"} and maps["prob"].shape == (2, 2, 4, 6)
+    assert torch.allclose(maps["prob"].sum(1), torch.ones(2, 4, 6), atol=1e-5)  # the softmax over classes, per cell
+
+    result = _invoke("convert", path, "-o", tmp_path / "two.fcn.pt2", "--json")
+    assert result.exit_code == 0, result.output
+    session = ort.InferenceSession(str(tmp_path / "two.fcn.onnx"), providers=["CPUExecutionProvider"])
+    assert len(session.get_outputs()) == 2
+    verified = _invoke("verify", path, "--json")
+    assert verified.exit_code == 0, verified.output

@@ -229,3 +229,28 @@ def keras_export(opset: int = 11, size: int = 16) -> bytes:
         torch.onnx.export(model, (torch.randn(2, size, size, 3),), buffer, dynamo=False, opset_version=opset,
                           input_names=["image"], output_names=["logits"], dynamic_axes={"image": {0: "batch"}})
     return buffer.getvalue()
+
+
+def two_heads(opset: int = 13) -> bytes:
+    """Two heads on one trunk (a cascade detector's stage): ``bbox`` (Gemm, 4 values) and ``prob`` (Gemm then
+    Softmax over 2 classes), each its own graph output. Padding-free. 12×12."""
+    rng = np.random.default_rng(8)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], kernel_shape=[3, 3], name="conv1"),
+        helper.make_node("PRelu", ["c1", "slope"], ["a1"], name="prelu1"),
+        helper.make_node("MaxPool", ["a1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2], name="pool1"),
+        helper.make_node("Conv", ["p1", "w2", "b2"], ["c2"], kernel_shape=[3, 3], name="conv2"),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("Flatten", ["r2"], ["flat"], axis=1, name="flatten"),
+        helper.make_node("Gemm", ["flat", "box_w", "box_b"], ["bbox"], transB=1, name="bbox_fc"),
+        helper.make_node("Gemm", ["flat", "cls_w", "cls_b"], ["cls"], transB=1, name="cls_fc"),
+        helper.make_node("Softmax", ["cls"], ["prob"], axis=1, name="cls_softmax"),
+    ]
+    inits = [_init("w1", (6, 3, 3, 3), rng), _init("b1", (6,), rng),
+             numpy_helper.from_array(rng.uniform(0.05, 0.3, (6, 1, 1)).astype(np.float32), "slope"),
+             _init("w2", (8, 6, 3, 3), rng), _init("b2", (8,), rng), _init("box_w", (4, 8 * 3 * 3), rng),
+             _init("box_b", (4,), rng), _init("cls_w", (2, 8 * 3 * 3), rng), _init("cls_b", (2,), rng)]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 12, 12])
+    outputs = [helper.make_tensor_value_info("bbox", TensorProto.FLOAT, ["batch", 4]),
+               helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["batch", 2])]
+    return _model(nodes, [x], outputs, inits, opset)

@@ -48,7 +48,8 @@ class ImportedOnnx:
     """An ONNX classifier as a torch graph, and what its file says about it.
 
     Attributes:
-        module: the classifier as a ``torch.fx.GraphModule`` taking N×C×H×W images.
+        module: the classifier as a ``torch.fx.GraphModule`` taking N×C×H×W images; a graph with several outputs
+            returns a dict of them by the ONNX output names.
         input_size: the training size (H, W): fixed in the graph, or given.
         in_chans: input channels, from the input's shape.
         input_layout: the original graph's input layout, ``NCHW`` or ``NHWC``.
@@ -353,8 +354,9 @@ def _identifier(text: str) -> str:
 class _Plain:
     """Rebuilds onnx2torch's module graph with nn modules and plain torch calls, constants folded."""
 
-    def __init__(self, gm: torch.fx.GraphModule, onnx_nodes: dict[str, object]):
+    def __init__(self, gm: torch.fx.GraphModule, onnx_nodes: dict[str, object], output_names: tuple[str, ...]):
         self.gm = gm
+        self.output_names = output_names
         self.onnx_nodes = onnx_nodes  # onnx2torch's module name → the ONNX node
         self.modules = dict(gm.named_modules())
         self.graph = torch.fx.Graph()
@@ -408,7 +410,7 @@ class _Plain:
                     value = getattr(value, part)
                 self.constants[node] = value
             elif node.op == "output":
-                self.graph.output(self.new_value(node.args[0]))
+                self.graph.output(self.outputs(node.args[0]))
             elif all(self.is_constant(a) for a in node.all_input_nodes) and node.op != "placeholder":
                 self.fold(node)
             else:
@@ -418,6 +420,16 @@ class _Plain:
         gm.graph.lint()
         gm.recompile()
         return gm.eval()
+
+    def outputs(self, value):
+        """One output as it is; several as a dict by the ONNX graph's output names (the names ``--output`` takes)."""
+        if len(self.output_names) == 1:
+            return self.new_value(value)
+        values = list(value) if isinstance(value, (tuple, list)) else [value]
+        if len(values) != len(self.output_names):
+            raise ConversionError(f"the ONNX graph returns {len(self.output_names)} outputs from {len(values)} values "
+                                  "(an output repeated)", hint="export each output once")
+        return {name: self.new_value(v) for name, v in zip(self.output_names, values, strict=True)}
 
     def fold(self, node: torch.fx.Node) -> None:
         """Evaluate a node whose inputs are all constant (weights transposed or scaled in the graph, shapes)."""
@@ -576,6 +588,15 @@ def _pad(p: _Plain, node, module):
     return p.call(node, F.pad, node.args[0], *_pad_args(module))
 
 
+def _prelu(p: _Plain, node, module):
+    slope = p.constant(node.args[1])
+    if slope is None or not (slope.numel() == 1 or all(s == 1 for s in slope.shape[1:])):
+        return p.module(node, module, *node.args)  # a slope per position, or computed: onnx2torch's module
+    prelu = nn.PReLU(slope.numel(), dtype=slope.dtype)
+    prelu.weight = nn.Parameter(slope.reshape(-1).clone(), requires_grad=False)
+    return p.module(node, prelu, node.args[0])
+
+
 def _identity(p: _Plain, node, module):
     return p.new_value(node.args[0])
 
@@ -586,7 +607,7 @@ _PLAIN = {
     "OnnxGlobalAveragePoolWithKnownInputShape": _global_average, "OnnxReduceStaticAxes": _reduce,
     "OnnxReduceSumStaticAxes": _reduce_sum, "OnnxClip": _clip, "OnnxHardSigmoid": _hard_sigmoid,
     "OnnxSoftmaxV1V11": _softmax, "OnnxSqueezeStaticAxes": _squeeze, "OnnxUnsqueezeStaticAxes": _unsqueeze,
-    "OnnxPadStatic": _pad, "Identity": _identity, "OnnxCast": _identity,
+    "OnnxPadStatic": _pad, "OnnxPReLU": _prelu, "Identity": _identity, "OnnxCast": _identity,
 }
 
 
@@ -628,8 +649,8 @@ def import_onnx(model, input_size=None, where: str = "the ONNX model") -> Import
     """
     prepared, size, channels, layout = prepare_onnx(model, input_size, where)
     gm, onnx_nodes = _onnx2torch(prepared)
-    plain = _Plain(gm, {name: node for name, node in onnx_nodes.items()}).rebuild()
     names, classes = _output_counts(prepared)
+    plain = _Plain(gm, onnx_nodes, names).rebuild()
     return ImportedOnnx(plain, size, channels, layout, names, classes)
 
 

@@ -139,20 +139,39 @@ def _hw(shape, dims):
     return (shape[dims[0]], shape[dims[1]])
 
 
-def compute_geometry(gm: torch.fx.GraphModule, input_size: tuple[int, int], global_context: bool) -> Geometry:
-    """Geometry of a converted, shape-propagated GraphModule whose output is an N×K×h×w map."""
+def _ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
+    seen, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if current not in seen:
+            seen.add(current)
+            stack.extend(current.all_input_nodes)
+    return seen
+
+
+def compute_geometry(gm: torch.fx.GraphModule, input_size: tuple[int, int], global_context: bool,
+                     output: torch.fx.Node | None = None) -> Geometry:
+    """Geometry of a converted, shape-propagated GraphModule's N×K×h×w map.
+
+    Args:
+        output: the node of the output to describe, for a network with several (default: the graph's output,
+            a single map). Only the ops it depends on count: heads branching at different depths differ.
+    """
     info = analyse(gm).info
     modules = dict(gm.named_modules())
-    flags = _Flags(global_context=global_context)
+    if output is None:
+        output = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    used = _ancestors(output) if isinstance(output, torch.fx.Node) else set()
+    # Global context counts for this output unless the converted graph shows it elsewhere only.
+    context_nodes = {n for n, i in info.items() if i.context}
+    flags = _Flags(global_context=global_context and (not context_nodes or bool(context_nodes & used)))
     cells: dict[torch.fx.Node, _Cell] = {}
     output_cell = None
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             cells[node] = _Cell((1.0, 1.0), (0.5, 0.5), (1.0, 1.0))
             continue
-        if node.op == "output":
-            out = node.args[0]
-            output_cell = cells.get(out) if isinstance(out, torch.fx.Node) else None
+        if node not in used:
             continue
         inputs = [cells[n] for n in node.all_input_nodes if n in cells]
         if not inputs or info[node].kind is not Kind.SPATIAL:
@@ -191,6 +210,7 @@ def compute_geometry(gm: torch.fx.GraphModule, input_size: tuple[int, int], glob
         flags.notes.append(f"node '{node.name}' ({name}) is opaque to fcnify; its geometry was measured")
         cells[node] = _probe_opaque(node, modules.get(node.target) if node.op == "call_module" else None,
                                     inputs[0], shape_of(src_node), in_hw, out_hw)
+    output_cell = cells.get(output) if isinstance(output, torch.fx.Node) else None
     if output_cell is None:
         output_cell = _Cell((1.0, 1.0), (input_size[0] / 2, input_size[1] / 2), tuple(map(float, input_size)))
         flags.notes.append("the output is not a spatial map")
