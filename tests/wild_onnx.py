@@ -254,3 +254,22 @@ def two_heads(opset: int = 13) -> bytes:
     outputs = [helper.make_tensor_value_info("bbox", TensorProto.FLOAT, ["batch", 4]),
                helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["batch", 2])]
     return _model(nodes, [x], outputs, inits, opset)
+
+
+def tf_same_padding(opset: int = 13) -> bytes:
+    """TensorFlow's "same" padding: a strided Conv with asymmetric pads [0, 0, 1, 1] and a MaxPool with
+    ``auto_pad=SAME_UPPER`` (onnx2torch reads neither form by itself). 16×16."""
+    rng = np.random.default_rng(9)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], kernel_shape=[3, 3], strides=[2, 2], pads=[0, 0, 1, 1],
+                         name="conv_same"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu"),
+        helper.make_node("MaxPool", ["r1"], ["p1"], kernel_shape=[3, 3], strides=[2, 2], auto_pad="SAME_UPPER",
+                         name="pool_same"),
+        helper.make_node("Flatten", ["p1"], ["flat"], axis=1, name="flatten"),
+        helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], transB=1, name="fc"),
+    ]
+    inits = [_init("w1", (4, 3, 3, 3), rng), _init("fc_w", (CLASSES, 4 * 4 * 4), rng), _init("fc_b", (CLASSES,), rng)]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 16, 16])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", CLASSES])
+    return _model(nodes, [x], [y], inits, opset)

@@ -219,12 +219,12 @@ def _upgrade(model, where: str):
         return model
     try:
         upgraded = version_converter.convert_version(model, IMPORT_OPSET)
+        onnx.checker.check_model(upgraded)
     except Exception as exc:
         raise ConversionError(f"onnx cannot bring {where} from opset {opset} to {IMPORT_OPSET}: "
                               f"{type(exc).__name__}: {first_line(exc, 200)}",
                               hint="export the classifier again at opset 13 to 17") from None
     _logger.info("%s: opset %s brought to %d (onnx.version_converter)", where, opset, IMPORT_OPSET)
-    onnx.checker.check_model(upgraded)
     return upgraded
 
 
@@ -275,6 +275,40 @@ def _pin_reshapes(model) -> None:
         name = f"{node.output[0]}__fcnify_shape"
         model.graph.initializer.append(numpy_helper.from_array(_np_int64(shape), name))
         node.input[1] = name
+
+
+def _explicit_auto_pads(model) -> None:
+    """``auto_pad`` SAME_UPPER/SAME_LOWER/VALID (TensorFlow's "same" and "valid") as the explicit pads they give at
+    the training size: onnx2torch does not read ``auto_pad``. Above the training size a strided "same" op then
+    keeps the training size's padding, as a convolution with fixed padding does."""
+    from onnx import helper, numpy_helper  # lazy: onnx is imported only for ONNX files
+
+    dims = _value_dims(model)
+    weights = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        mode = attrs.get("auto_pad", b"NOTSET")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        if node.op_type not in ("Conv", "MaxPool", "AveragePool") or mode in ("NOTSET", ""):
+            continue
+        size = (dims.get(node.input[0]) or [])[2:]
+        kernel = list(attrs.get("kernel_shape") or [])
+        if not kernel and node.op_type == "Conv" and node.input[1] in weights:
+            kernel = list(numpy_helper.to_array(weights[node.input[1]]).shape[2:])
+        if len(size) != 2 or not all(isinstance(v, int) for v in size) or len(kernel) != 2:
+            raise _refuse(node, f"auto_pad {mode} on a map whose size onnx cannot work out ({size})")
+        strides = list(attrs.get("strides") or [1, 1])
+        dilations = list(attrs.get("dilations") or [1, 1])
+        begin, end = [0, 0], [0, 0]
+        if mode != "VALID":
+            for axis in range(2):
+                i, k, st, d = size[axis], kernel[axis], strides[axis], dilations[axis]
+                total = max((-(-i // st) - 1) * st + (k - 1) * d + 1 - i, 0)
+                small, large = total // 2, total - total // 2
+                begin[axis], end[axis] = (small, large) if mode == "SAME_UPPER" else (large, small)
+        kept = [a for a in node.attribute if a.name not in ("auto_pad", "pads")]
+        del node.attribute[:]
+        node.attribute.extend([*kept, helper.make_attribute("pads", begin + end)])
 
 
 def _drop_dead_nodes(model) -> None:
@@ -330,6 +364,7 @@ def prepare_onnx(model, input_size=None, where: str = "the ONNX model"):
         output.type.tensor_type.ClearField("shape")
     prepared = _inferred(prepared)
     _pin_reshapes(prepared)
+    _explicit_auto_pads(prepared)
     _drop_dead_nodes(prepared)
     prepared = _inferred(prepared)
     _check_converters(prepared)
@@ -388,12 +423,13 @@ class _Plain:
             node.meta[ONNX_NODE] = _describe(onnx_node)
         return node
 
-    def module(self, old: torch.fx.Node, module: nn.Module, *args) -> torch.fx.Node:
+    def module(self, old: torch.fx.Node, module: nn.Module, *args, **kwargs) -> torch.fx.Node:
         name, i = _identifier(old.target), 1
         while hasattr(self.root, name):
             name, i = f"{_identifier(old.target)}_{i}", i + 1
         self.root.add_module(name, module)
-        return self.emit(old, "call_module", name, [self.new_value(a) for a in args])
+        return self.emit(old, "call_module", name, [self.new_value(a) for a in args],
+                         {k: self.new_value(v) for k, v in kwargs.items()})
 
     def call(self, old: torch.fx.Node, fn, *args, **kwargs) -> torch.fx.Node:
         return self.emit(old, "call_function", fn, [self.new_value(a) for a in args],
@@ -411,7 +447,7 @@ class _Plain:
                 self.constants[node] = value
             elif node.op == "output":
                 self.graph.output(self.outputs(node.args[0]))
-            elif all(self.is_constant(a) for a in node.all_input_nodes) and node.op != "placeholder":
+            elif all(self.is_constant(a) for a in node.all_input_nodes):
                 self.fold(node)
             else:
                 self.env[node] = self.plain(node)
@@ -453,16 +489,15 @@ class _Plain:
         if builder is not None:
             return builder(self, node, module)
         if isinstance(module, nn.Sequential):  # onnx2torch's padding + pool: one call each
-            result = p_value = self.new_value(node.args[0])
+            value = self.new_value(node.args[0])
             for i, inner in enumerate(module):
                 if type(inner).__name__ == "OnnxPadStatic":
-                    result = self.emit(node, "call_function", F.pad, [p_value, *_pad_args(inner)])
+                    value = self.emit(node, "call_function", F.pad, [value, *_pad_args(inner)])
                 else:
                     name = f"{_identifier(node.target)}_{i}"
                     self.root.add_module(name, inner)
-                    result = self.emit(node, "call_module", name, [p_value])
-                p_value = result
-            return result
+                    value = self.emit(node, "call_module", name, [value])
+            return value
         return self.module(node, module, *node.args, **node.kwargs)
 
     def refuse(self, node: torch.fx.Node, why: str, hint: str) -> ConversionError:
