@@ -69,6 +69,8 @@ def test_wild_onnx_converts_and_matches_onnxruntime(corpus, name):
     path = corpus[name]
     imported = import_onnx(onnx.load(str(path)), size)
     assert imported.input_layout == layout and imported.classes == (wild_onnx.CLASSES,)
+    leftovers = {type(m).__name__ for m in imported.module.modules() if type(m).__module__.startswith("onnx2torch")}
+    assert not leftovers  # the rules read plain layers and calls, never onnx2torch's modules
     fcn = convert(imported.module, imported.input_size, imported.in_chans)
 
     # Logits at the training size: the conversion against onnxruntime on the original file.

@@ -25,6 +25,7 @@ import operator
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.fx
 import torch.nn.functional as F
@@ -40,7 +41,7 @@ IMPORT_OPSET = 17
 #: ``node.meta`` key holding "'name' (OpType)" of the ONNX node an FX node came from.
 ONNX_NODE = "onnx_node"
 NCHW, NHWC = "NCHW", "NHWC"
-_BATCH = "N"
+_BATCH = "fcnify_batch"  # the symbolic batch dim the input gets (a name no exporter uses)
 
 
 @dataclass
@@ -273,7 +274,7 @@ def _pin_reshapes(model) -> None:
         else:
             continue
         name = f"{node.output[0]}__fcnify_shape"
-        model.graph.initializer.append(numpy_helper.from_array(_np_int64(shape), name))
+        model.graph.initializer.append(numpy_helper.from_array(np.asarray(shape, dtype=np.int64), name))
         node.input[1] = name
 
 
@@ -319,12 +320,6 @@ def _drop_dead_nodes(model) -> None:
             needed.update(node.input)
         else:
             model.graph.node.remove(node)
-
-
-def _np_int64(values):
-    import numpy as np  # numpy comes with torch; imported here with its one use
-
-    return np.asarray(values, dtype=np.int64)
 
 
 def _check_converters(model) -> None:
