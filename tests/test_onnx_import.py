@@ -233,3 +233,13 @@ def test_two_onnx_heads_each_a_dense_map(tmp_path):
     assert len(session.get_outputs()) == 2
     verified = _invoke("verify", path, "--json")
     assert verified.exit_code == 0, verified.output
+
+
+def test_paddle_flatten_and_fully_connected_become_plain_layers(corpus):
+    """The computed reshape is a constant flatten ``[-1, F]`` and MatMul + Add one Linear with a bias."""
+    imported = import_onnx(onnx.load(str(corpus["paddle_opset11"])))
+    linears = [m for m in imported.module.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 1 and linears[0].bias is not None and linears[0].in_features == 6 * 3 * 3
+    reshapes = [n for n in imported.module.graph.nodes if n.target is torch.reshape]
+    assert [n.args[1] for n in reshapes] == [(-1, 54)]
+    assert not any(n.target in ("Shape", "Concat") or "shape" in n.name for n in imported.module.graph.nodes)

@@ -506,11 +506,31 @@ def _binary(p: _Plain, node, module):
     first, second = node.args
     if getattr(module, "broadcast", None) == 1 and module.axis is not None:
         raise p.refuse(node, "an opset-1 broadcast", hint="export the classifier again at opset 13 to 17")
+    if fn is operator.add:
+        fused = _bias_into_linear(p, first, second) or _bias_into_linear(p, second, first)
+        if fused is not None:
+            return fused
+
     def scalar(arg):  # a one-value constant is a number: the rules treat it as a scalar
         value = p.constant(arg)
         return value.reshape(()).item() if value is not None and value.numel() == 1 and value.dim() <= 1 else arg
 
     return p.call(node, fn, scalar(first), scalar(second))
+
+
+def _bias_into_linear(p: _Plain, product, bias_arg):
+    """``MatMul`` + ``Add`` of a per-output constant (Paddle's and TensorFlow's fully-connected layer) as one
+    ``nn.Linear`` with a bias, when the product is a bias-less Linear read by that Add only."""
+    bias = p.constant(bias_arg)
+    linear_node = p.env.get(product) if isinstance(product, torch.fx.Node) else None
+    if bias is None or linear_node is None or linear_node.op != "call_module" or len(product.users) != 1:
+        return None
+    linear = getattr(p.root, linear_node.target)
+    if not isinstance(linear, nn.Linear) or linear.bias is not None or bias.numel() != linear.out_features \
+            or bias.dim() > 2:
+        return None
+    linear.bias = nn.Parameter(bias.reshape(-1).to(linear.weight.dtype).clone(), requires_grad=False)
+    return linear_node
 
 
 def _matmul(p: _Plain, node, module):
