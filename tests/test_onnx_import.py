@@ -131,6 +131,7 @@ def test_input_size_rules(corpus):
 @pytest.mark.parametrize("builder, fragments", [
     (wild_onnx.lstm_head, ("ONNX node 'recurrent_head' (LSTM)", "no converter")),
     (wild_onnx.position_mixing_head, ("ONNX node 'rows_reshape' (Reshape)", "flattened map")),
+    (wild_onnx.nhwc_preprocessing, ("ONNX node 'keras_rescaling' (Mul)", "N×H×W×C")),
 ])
 def test_unsupported_graphs_name_the_onnx_node(tmp_path, builder, fragments):
     path = tmp_path / "bad.onnx"

@@ -273,3 +273,19 @@ def tf_same_padding(opset: int = 13) -> bytes:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 16, 16])
     y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", CLASSES])
     return _model(nodes, [x], [y], inits, opset)
+
+
+def nhwc_preprocessing() -> bytes:
+    """Unsupported: an NHWC input rescaled in NHWC before its Transpose to NCHW (no N×C×H×W input fits it)."""
+    rng = np.random.default_rng(10)
+    nodes = [
+        helper.make_node("Mul", ["x", "rescale"], ["scaled"], name="keras_rescaling"),
+        helper.make_node("Transpose", ["scaled"], ["nchw"], perm=[0, 3, 1, 2], name="to_nchw"),
+        helper.make_node("Conv", ["nchw", "w1"], ["c1"], kernel_shape=[3, 3], name="conv1"),
+        helper.make_node("GlobalAveragePool", ["c1"], ["pooled"], name="pool"),
+        helper.make_node("Flatten", ["pooled"], ["logits"], axis=1, name="flatten"),
+    ]
+    inits = [numpy_helper.from_array(np.full(3, 1 / 255, np.float32), "rescale"), _init("w1", (CLASSES, 3, 3, 3), rng)]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 12, 12, 3])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", CLASSES])
+    return _model(nodes, [x], [y], inits, 13)

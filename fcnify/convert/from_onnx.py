@@ -135,6 +135,12 @@ def _input_layout(model, image) -> str:
     users = _consumers(model, image.name)
     if users and all(n.op_type == "Transpose" and _perm(n) == [0, 3, 1, 2] for n in users):
         return NHWC
+    dims = _dims(image)
+    if dims[3] in (1, 3, 4) and isinstance(dims[1], int) and dims[1] > 4 and users:
+        # N×H×W×C worked on before any transpose to NCHW (preprocessing in NHWC): no plain NCHW input fits it
+        raise _refuse(users[0], f"the graph takes N×H×W×C images {dims} and computes on them in that layout "
+                      "before transposing them to N×C×H×W", hint="export the classifier with its preprocessing "
+                      "removed, so that the image goes straight to a Transpose (or take N×C×H×W input)")
     return NCHW
 
 
