@@ -24,7 +24,6 @@ padding-free networks (shifting moves where the padding falls).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -147,7 +146,7 @@ def dilate(fcn, output_stride: int):
     gm.recompile()
     gm.delete_all_unused_submodules()
     gm.eval()
-    geo = dataclasses.replace(geometry, stride=(target, target))
+    geo = geometry.refined(target)
     result = FullyConvolutionalNet(gm, geo, fcn.input_size, fcn.in_chans, list(fcn.rewrites) + rewrite.rewrites)
     result = result.eval()
     _check(fcn, result, rewrite.example)

@@ -37,5 +37,5 @@ class FullyConvolutionalNet(nn.Module):
         return self.net(x)
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
-        """The score map's size for an input of ``height`` × ``width`` (``Geometry.map_size``)."""
+        """The score map's size a one-pass forward gives for ``height`` × ``width`` (``Geometry.map_size``)."""
         return self.geometry.map_size(height, width)
