@@ -124,6 +124,16 @@ def _window_params(node: torch.fx.Node, name: str, module: nn.Module | None, in_
         p = pair(op.explicit_padding())
     if any(p):
         flags.padded = True
+    if op.ceil_mode and in_hw and all(in_hw):
+        # A ceil-mode pool adds a last window that hangs over the edge when the map does not divide evenly.
+        # At the training size that window holds fewer pixels; in a dense pass the same window lies inside the
+        # larger image and sees pixels the crop does not have.
+        overhang = [(-(i + 2 * pp - dd * (kk - 1) - 1)) % st for i, pp, kk, st, dd in zip(in_hw, p, k, s, d)]
+        if any(overhang):
+            flags.notes.append(
+                f"ceil-mode pool '{node.name}' (kernel {k[0]}×{k[1]}, stride {s[0]}×{s[1]}) has a partial window at "
+                f"the training-size edge ({overhang[0]}×{overhang[1]} positions of its {in_hw[0]}×{in_hw[1]} input "
+                "missing): there a dense cell sees image that the crop does not")
     return k, s, p, d
 
 
