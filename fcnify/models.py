@@ -64,7 +64,10 @@ def _numbered(count: int) -> tuple[str, ...]:
 
 def output_channels(module: nn.Module, input_size: tuple[int, int], in_chans: int) -> dict[str, int] | None:
     """Each output's channel count (dim 1) at the training size, by output name, from a shape-only run
-    (fake tensors: no memory, no arithmetic); None when the model does not run so."""
+    (fake tensors: no memory, no arithmetic); None when the model does not run so. TorchScript is not run here:
+    its interpreter logs failures on the terminal itself (its outputs are counted when it is converted)."""
+    if isinstance(module, torch.jit.ScriptModule):
+        return None
     device, dtype = placement(module)
     try:
         with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
