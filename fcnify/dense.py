@@ -18,6 +18,7 @@ from fcnify.convert import FullyConvolutionalNet
 from fcnify.convert.dilate import dilate
 from fcnify.convert.from_export import exported_input_shape, rebuild_modules
 from fcnify.errors import FcnifyError, InputError, first_line
+from fcnify.export import ExportedNet
 from fcnify.heatmap.scoremap import ScoreMap, check_class_count
 from fcnify.images import PreparedImage
 
@@ -243,7 +244,12 @@ def with_output_stride(fcn: nn.Module, geometry, output_stride: int | None):
     """
     if output_stride is None or all(int(output_stride) == s for s in geometry.stride):
         return fcn, geometry
-
+    if len(getattr(fcn, "output_names", ())) > 1:
+        raise InputError(f"--output-stride works on networks with one output; this one has {len(fcn.output_names)} "
+                         f"({', '.join(fcn.output_names)})",
+                         hint="leave --output-stride out, or wrap the model so forward() returns the one output")
+    if isinstance(fcn, ExportedNet):
+        fcn = fcn.net
     if isinstance(fcn, torch.fx.GraphModule) and not isinstance(fcn, FullyConvolutionalNet):
         fcn = _exported_fcn(fcn, geometry)
     if not isinstance(fcn, FullyConvolutionalNet):

@@ -24,6 +24,7 @@ from fcnify._version import __version__
 from fcnify.atomic import atomic_output
 from fcnify.convert.geometry import Geometry
 from fcnify.convert.network import FullyConvolutionalNet
+from fcnify.convert.outputs import SINGLE, MultiOutputNet, OutputInfo
 from fcnify.errors import ExportError, ModelLoadError, UnsafeModelError, first_line
 from fcnify.introspect import placement
 
@@ -45,21 +46,31 @@ class ModelMetadata:
     source: str
     fcnify_version: str = ""
     normalisation: str = ""  # where mean/std came from (flag, metadata, zoo, assumed): said again on use
+    outputs: tuple[OutputInfo, ...] = ()  # every output, in order (empty: one output with ``geometry``)
+    selected_output: str = SINGLE  # the output ``labels`` and ``geometry`` belong to
+
+    def output_infos(self) -> list[OutputInfo]:
+        """Every output (a file of one output: that one, named ``"0"``, with ``geometry`` and ``labels``)."""
+        return list(self.outputs) or [OutputInfo(SINGLE, len(self.labels), self.geometry)]
 
     def to_dict(self) -> dict:
         return {
             "input_size": list(self.input_size), "in_chans": self.in_chans, "mean": list(self.mean),
             "std": list(self.std), "labels": list(self.labels), "geometry": self.geometry.to_dict(),
             "source": self.source, "fcnify_version": self.fcnify_version or __version__,
-            "normalisation": self.normalisation,
+            "normalisation": self.normalisation, "outputs": [o.to_dict() for o in self.output_infos()],
+            "selected_output": self.selected_output,
         }
 
     @classmethod
     def of(cls, loaded, fcn) -> ModelMetadata:
-        """The metadata of ``fcn``, converted from ``loaded`` (a ``LoadedModel``)."""
+        """The metadata of ``fcn``, converted from ``loaded`` (a ``LoadedModel``): every output, the selected one's
+        geometry and labels."""
+        outputs = tuple(fcn.outputs_summary()) if hasattr(fcn, "outputs_summary") else ()
         return cls(tuple(fcn.input_size), int(fcn.in_chans), tuple(loaded.mean), tuple(loaded.std),
                    tuple(str(v) for v in loaded.labels), fcn.geometry, loaded.source,
-                   normalisation=getattr(loaded, "normalisation", None) or "")
+                   normalisation=getattr(loaded, "normalisation", None) or "", outputs=outputs,
+                   selected_output=getattr(fcn, "selected", SINGLE))
 
     @classmethod
     def parse(cls, raw: str | bytes, where: str) -> ModelMetadata:
@@ -90,6 +101,9 @@ class ModelMetadata:
             std=tuple(data["std"]), labels=tuple(data["labels"]), geometry=Geometry.from_dict(data["geometry"]),
             source=str(data.get("source", "")), fcnify_version=str(data.get("fcnify_version", "")),
             normalisation=str(data.get("normalisation") or ""),
+            outputs=tuple(OutputInfo(str(o["name"]), int(o["channels"]), Geometry.from_dict(o["geometry"]))
+                          for o in data.get("outputs") or ()),
+            selected_output=str(data.get("selected_output") or SINGLE),
         )
 
 
@@ -133,6 +147,14 @@ def _metadata_problem(data) -> str | None:
             return f"geometry.{key} {value!r} is not two numbers"
     if any(v <= 0 for v in geometry["stride"] + geometry["window"]):
         return "geometry has a stride or window ≤ 0"
+    outputs = data.get("outputs") or []
+    if not isinstance(outputs, list) or not all(
+            isinstance(o, dict) and isinstance(o.get("name"), str) and count(o.get("channels"), 0, 1 << 24)
+            and isinstance(o.get("geometry"), dict) for o in outputs):
+        return "outputs is not a list of {name, channels, geometry}"
+    names = [o["name"] for o in outputs]
+    if outputs and data.get("selected_output", SINGLE) not in names:
+        return f"selected_output {data.get('selected_output')!r} is not one of the outputs {names}"
     return None
 
 
@@ -177,6 +199,32 @@ def save_pt2(fcn: FullyConvolutionalNet, metadata: ModelMetadata, path: str | os
         # (which messages about the archive's entries would show).
         torch.export.save(program, file, extra_files={METADATA_NAME: json.dumps(metadata.to_dict())})
     return path
+
+
+class ExportedNet(MultiOutputNet, nn.Module):
+    """A loaded fcnify ``.pt2``: the ``torch.export`` module (``net``) with the output interface of
+    ``FullyConvolutionalNet`` (``output_names``, ``geometries``, ``selected``, ``maps``, ``select``) from its
+    metadata. ``forward`` returns what the converted network returned (one map, or a tuple/dict of maps)."""
+
+    def __init__(self, net: nn.Module, metadata: ModelMetadata):
+        super().__init__()
+        self.net = net
+        self.input_size = tuple(metadata.input_size)
+        self.in_chans = int(metadata.in_chans)
+        self._set_outputs(metadata.output_infos(), metadata.selected_output)
+
+    def forward(self, x: torch.Tensor):
+        return self.net(x)
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """The selected score map's size for an input of ``height`` × ``width`` (``Geometry.map_size``)."""
+        return self.geometry.map_size(height, width)
+
+    def eval(self) -> ExportedNet:  # a torch.export module refuses ``eval()``: it is always in eval mode
+        return self
+
+    def train(self, mode: bool = True) -> ExportedNet:
+        return self
 
 
 @dataclass

@@ -31,6 +31,8 @@ class LoadedModel:
         normalisation: where ``mean``/``std`` came from: ``flag``, ``metadata``, ``zoo`` or
             ``assumed (ImageNet)`` (nothing said how the model was trained).
         extra: facts of the loader (``path``: the file the weights or model came from).
+        output: the output the user picked (``--output``: an index or a name; None: the first), for a model
+            with several; ``labels`` belong to it.
     """
 
     module: nn.Module
@@ -44,6 +46,7 @@ class LoadedModel:
     geometry: object | None = None
     extra: dict = field(default_factory=dict)
     normalisation: str | None = None
+    output: str | None = None
 
     @property
     def name(self) -> str:

@@ -36,6 +36,7 @@ from torch import nn
 
 from fcnify.convert import FullyConvolutionalNet, convert
 from fcnify.convert.geometry import Geometry
+from fcnify.convert.outputs import flatten_outputs
 from fcnify.errors import ExportError, ModelLoadError, NotEquivalentError
 from fcnify.export import ModelMetadata, atomic_output, export_program
 from fcnify.introspect import placement
@@ -67,6 +68,7 @@ class OnnxAgreement:
     max_rel_error: float
     tolerance: float = ONNX_RTOL
     batch: int = 2
+    output: str = ""  # the output compared, for a network with several
 
     @property
     def passed(self) -> bool:
@@ -161,12 +163,24 @@ def _rename_dims(model) -> None:
 # ----------------------------------------------------------------------------------------------- exporting
 
 
+def onnx_output_names(names: tuple[str, ...]) -> list[str]:
+    """The graph's output names: ``logits`` for a network with one output, ``output_<name>`` for each of several."""
+    if len(names) <= 1:
+        return [OUTPUT_NAME]
+    return [f"output_{re.sub(r'[^A-Za-z0-9_]+', '_', n)}" for n in names]
+
+
+def _output_names_of(fcn: FullyConvolutionalNet) -> list[str]:
+    return onnx_output_names(tuple(getattr(fcn, "output_names", ())))
+
+
 def _export_dynamo(fcn: FullyConvolutionalNet, opset: int, notes: list[str]):
     program = export_program(fcn)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         onnx_program = torch.onnx.export(program, (), dynamo=True, opset_version=opset, verbose=False,
-                                         input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], optimize=True)
+                                         input_names=[INPUT_NAME], output_names=_output_names_of(fcn),
+                                         optimize=True)
     return onnx_program.model_proto
 
 
@@ -203,11 +217,13 @@ def _export_torchscript(fcn: FullyConvolutionalNet, opset: int):
     example = torch.zeros(2, fcn.in_chans, h + 2 * sy + 1, w + 2 * sx + 1, device=placement(fcn)[0])
     buffer = io.BytesIO()
     axes = {0: "batch", 2: "height", 3: "width"}
+    outputs = _output_names_of(fcn)
     with warnings.catch_warnings(), _quiet_fds(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(fcn.eval(), (example,), buffer, dynamo=False, opset_version=opset,
-                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: {0: "batch", 2: "map_height", 3: "map_width"}})
+                          input_names=[INPUT_NAME], output_names=outputs,
+                          dynamic_axes={INPUT_NAME: axes} | {
+                              name: {0: "batch", 2: "map_height", 3: "map_width"} for name in outputs})
     return onnx.load_from_string(buffer.getvalue())
 
 
@@ -282,20 +298,24 @@ def size_problems(model, geometry: Geometry | None = None) -> list[str]:
     graph = model.graph
     initializers = {i.name for i in graph.initializer}
     inputs = [i for i in graph.input if i.name not in initializers]
-    if len(inputs) != 1 or len(graph.output) != 1:
-        return [f"the graph has {len(inputs)} inputs and {len(graph.output)} outputs, not one of each"]
-    in_shape, out_shape = _shape(inputs[0]), _shape(graph.output[0])
+    if len(inputs) != 1 or len(graph.output) < 1:
+        return [f"the graph has {len(inputs)} inputs and {len(graph.output)} outputs, not one input and outputs"]
+    in_shape = _shape(inputs[0])
     if in_shape is None or len(in_shape) != 4:
         return ["the graph's input is not N×C×H×W"]
     for index, name in zip((0, 2, 3), _DIM_NAMES, strict=True):
         if not isinstance(in_shape[index], str):
             problems.append(f"the input's {name} is fixed to {in_shape[index]}")
-    if out_shape is None or len(out_shape) != 4:
-        problems.append("the graph's output is not N×K×h×w")
-    else:
+    for output in graph.output:
+        out_shape = _shape(output)
+        which = f"output {output.name}" if len(graph.output) > 1 else "output"
+        if out_shape is None or len(out_shape) != 4:
+            problems.append(f"the graph's {which} is not N×K×h×w")
+            continue
         for index, name in zip((2, 3), ("height", "width"), strict=True):
             if isinstance(out_shape[index], int):
-                problems.append(f"the output's map {name} is fixed to {out_shape[index]}: it does not follow the input")
+                problems.append(f"the {which}'s map {name} is fixed to {out_shape[index]}: it does not follow the "
+                                "input")
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
     except Exception:  # shape inference is a help here; the runtime comparison still runs
@@ -345,7 +365,7 @@ def _reference(fcn_or_module: nn.Module, metadata: ModelMetadata | None) -> nn.M
     module = fcn_or_module.eval()
     probe = torch.zeros(1, metadata.in_chans, *metadata.input_size, device=placement(module)[0])
     with torch.no_grad():
-        out = module(probe)
+        out = next(iter(flatten_outputs(module(probe)).values()))
     if out.dim() == 4:
         return module
     return convert(module, metadata.input_size, metadata.in_chans)
@@ -379,14 +399,20 @@ def verify_onnx(onnx_path: str | os.PathLike | bytes, fcn_or_module: nn.Module,
     for size in sizes:
         size = (int(size[0]), int(size[1]))
         x = torch.randn(batch, in_chans, *size, generator=generator)
-        expected = reference.eval()(x.to(ref_device, ref_dtype)).double().cpu()
-        got = net(x).double()
-        if got.shape != expected.shape:
-            results.append(OnnxAgreement(size, tuple(got.shape[2:]), float("inf"), float("inf"), tolerance, batch))
-            continue
-        diff = (expected - got).abs().max().item()
-        rel = diff / max(expected.abs().max().item(), 1e-12)
-        results.append(OnnxAgreement(size, tuple(got.shape[2:]), diff, rel, tolerance, batch))
+        expected_all = flatten_outputs(reference.eval()(x.to(ref_device, ref_dtype)))
+        got_all = flatten_outputs(net(x))
+        for name, expected in expected_all.items():
+            expected = expected.double().cpu()
+            output = name if len(expected_all) > 1 else ""
+            got = got_all.get(name)
+            if got is None or got.shape != expected.shape:
+                got_size = tuple(got.shape[2:]) if got is not None else ()
+                results.append(OnnxAgreement(size, got_size, float("inf"), float("inf"), tolerance, batch, output))
+                continue
+            got = got.double()
+            diff = (expected - got).abs().max().item()
+            rel = diff / max(expected.abs().max().item(), 1e-12)
+            results.append(OnnxAgreement(size, tuple(got.shape[2:]), diff, rel, tolerance, batch, output))
     return results
 
 
@@ -454,8 +480,9 @@ def export_onnx(fcn: FullyConvolutionalNet, metadata: ModelMetadata, path: str |
                               hint="the graph uses an op onnxruntime does not implement on this machine") from exc
         for check in checks:
             if not check.passed:
+                which = f" on output {check.output}" if check.output else ""
                 raise NotEquivalentError(
-                    f"onnxruntime disagrees with PyTorch at {check.input_size[0]}x{check.input_size[1]}: "
+                    f"onnxruntime disagrees with PyTorch{which} at {check.input_size[0]}x{check.input_size[1]}: "
                     f"relative error {check.max_rel_error:.3g} > {check.tolerance:g} "
                     f"(exported with the {exporter} exporter)",
                     hint="the .pt2 export keeps the PyTorch numerics; please report the model")

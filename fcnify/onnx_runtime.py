@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fcnify.convert.outputs import MultiOutputNet
 from fcnify.errors import ModelLoadError
 from fcnify.export import ModelMetadata
 from fcnify.loaded import LoadedModel
@@ -80,11 +81,12 @@ def _session(source: str | os.PathLike | bytes, providers: list[str]):
     return ort.InferenceSession(data, sess_options=options, providers=providers)
 
 
-class OnnxNet(nn.Module):
+class OnnxNet(MultiOutputNet, nn.Module):
     """An ``.onnx`` network run by onnxruntime, usable in place of the PyTorch ``FullyConvolutionalNet``.
 
     ``net(x)`` maps an N×C×H×W tensor to N×K×h×w logits, returned on ``x``'s device and in its dtype (the
-    graph runs in float32). CUDA is used when onnxruntime has the CUDAExecutionProvider, else the CPU.
+    graph runs in float32); a network with several outputs returns a dict of maps by output name (the
+    names, geometries and selection of ``fcnify.convert.outputs.MultiOutputNet``, from the metadata). CUDA is used when onnxruntime has the CUDAExecutionProvider, else the CPU.
     ``.to()``, ``.cuda()``, ``.double()`` and ``.eval()`` do nothing: the runtime owns device and dtype.
 
     Attributes:
@@ -105,12 +107,19 @@ class OnnxNet(nn.Module):
         if metadata is None:
             metadata = read_metadata(self.session.get_modelmeta().custom_metadata_map)
         self.metadata = metadata
-        self.geometry = metadata.geometry if metadata else None
         self.input_size = tuple(metadata.input_size) if metadata else None
         self.in_chans = metadata.in_chans if metadata else self.session.get_inputs()[0].shape[1]
         self.labels = tuple(metadata.labels) if metadata else ()
         self.input_name = self.session.get_inputs()[0].name
-        self.output_name = self.session.get_outputs()[0].name
+        self.graph_outputs = [o.name for o in self.session.get_outputs()]
+        self.output_name = self.graph_outputs[0]
+        if metadata is not None:
+            self._set_outputs(metadata.output_infos(), metadata.selected_output)
+        else:  # a foreign file: its outputs by position, geometry unknown
+            object.__setattr__(self, "output_names", tuple(str(i) for i in range(len(self.graph_outputs))))
+            object.__setattr__(self, "geometries", dict.fromkeys(self.output_names))
+            object.__setattr__(self, "channels", dict.fromkeys(self.output_names, 0))
+            object.__setattr__(self, "selected", self.output_names[0])
 
     @property
     def providers(self) -> list[str]:
@@ -118,9 +127,12 @@ class OnnxNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         array = x.detach().to("cpu", torch.float32).contiguous().numpy()
-        out = self.session.run([self.output_name], {self.input_name: array})[0]
+        outs = self.session.run(self.graph_outputs, {self.input_name: array})
         dtype = x.dtype if x.is_floating_point() else torch.float32
-        return torch.from_numpy(out).to(device=x.device, dtype=dtype)
+        maps = [torch.from_numpy(out).to(device=x.device, dtype=dtype) for out in outs]
+        if len(maps) == 1:
+            return maps[0]
+        return dict(zip(self.output_names, maps, strict=True))
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """The score map's size a one-pass forward gives for ``height`` × ``width`` (``Geometry.map_size``)."""

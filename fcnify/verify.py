@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from fcnify.convert import FullyConvolutionalNet, parse_input_size
+from fcnify.convert.outputs import flatten_outputs
+from fcnify.errors import NotEquivalentError
 from fcnify.onnx_export import verify_onnx
 
 _logger = logging.getLogger(__name__)
@@ -37,6 +39,7 @@ class Agreement:
     top1_agreement: float
     tolerance: float
     samples: int
+    output: str = ""  # the output compared, for a model with several ("" for one)
 
     @property
     def passed(self) -> bool:
@@ -56,6 +59,7 @@ class DenseAgreement:
     exact: bool
     causes: list[str]
     tolerance: float
+    output: str = ""  # the output compared, for a model with several ("" for one)
 
     @property
     def label(self) -> str:
@@ -75,11 +79,12 @@ class EquivalenceReport:
     dense: DenseAgreement | None = None
     geometry: dict = field(default_factory=dict)
     runtime: list = field(default_factory=list)  # onnxruntime vs PyTorch agreements, for an .onnx
+    outputs: list[Agreement] = field(default_factory=list)  # the float64 gate per output (several outputs)
 
     @property
     def passed(self) -> bool:
         return (self.strict.passed and (self.dense is None or self.dense.passed)
-                and all(a.passed for a in self.runtime))
+                and all(a.passed for a in self.runtime) and all(a.passed for a in self.outputs))
 
     def to_dict(self) -> dict:
         data = {
@@ -88,6 +93,8 @@ class EquivalenceReport:
         }
         if self.dense is not None:
             data["dense"] = asdict(self.dense) | {"label": self.dense.label, "passed": self.dense.passed}
+        if self.outputs:
+            data["outputs"] = [asdict(a) | {"passed": a.passed} for a in self.outputs]
         if self.runtime:
             data["onnx_vs_pytorch"] = [a.to_dict() for a in self.runtime]
         return data
@@ -101,17 +108,38 @@ def _evaluating(module: nn.Module) -> nn.Module:
         return module
 
 
-def _logits(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out = module(x)
-    return out.flatten(1) if out.dim() == 4 else out
+def _logits(module: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every output of ``module`` on ``x`` by name, each N×K (a converted network's 1×1 maps flattened)."""
+    return {name: out.flatten(1) if out.dim() == 4 else out for name, out in flatten_outputs(module(x)).items()}
 
 
-def _compare(reference: torch.Tensor, candidate: torch.Tensor, dtype: str, device: str, tol: float) -> Agreement:
+def _compare_one(reference: torch.Tensor, candidate: torch.Tensor, dtype: str, device: str, tol: float,
+                 output: str = "") -> Agreement:
     reference, candidate = reference.double().cpu(), candidate.double().cpu()
+    if reference.shape != candidate.shape:
+        return Agreement(dtype, device, float("inf"), float("inf"), 0.0, tol, reference.shape[0], output)
     diff = (reference - candidate).abs()
     scale = reference.abs().max().clamp_min(1e-12)
-    top1 = (reference.argmax(1) == candidate.argmax(1)).double().mean().item()
-    return Agreement(dtype, device, diff.max().item(), (diff.max() / scale).item(), top1, tol, reference.shape[0])
+    top1 = (reference.argmax(1) == candidate.argmax(1)).double().mean().item() if reference.dim() > 1 else 1.0
+    return Agreement(dtype, device, diff.max().item(), (diff.max() / scale).item(), top1, tol, reference.shape[0],
+                     output)
+
+
+def compare_outputs(reference: dict[str, torch.Tensor], candidate: dict[str, torch.Tensor], dtype: str, device: str,
+                    tol: float) -> list[Agreement]:
+    """One agreement per output of the reference; a missing or differently named output is a failure."""
+    if list(reference) != list(candidate):
+        raise NotEquivalentError(
+            f"the converted network returns outputs {', '.join(candidate)}, the original {', '.join(reference)}",
+            hint="convert the same model the file came from")
+    named = len(reference) > 1
+    return [_compare_one(reference[n], candidate[n], dtype, device, tol, n if named else "") for n in reference]
+
+
+def _compare(reference: dict[str, torch.Tensor], candidate: dict[str, torch.Tensor], dtype: str, device: str,
+             tol: float) -> Agreement:
+    """The worst agreement over every output (relative to each output's own largest value)."""
+    return max(compare_outputs(reference, candidate, dtype, device, tol), key=lambda a: a.max_rel_error)
 
 
 def _inputs(count: int, in_chans: int, size: tuple[int, int], images: list[torch.Tensor] | None, seed: int):
@@ -125,17 +153,25 @@ def _inputs(count: int, in_chans: int, size: tuple[int, int], images: list[torch
 @torch.no_grad()
 def check_training_size(model: nn.Module, fcn: nn.Module, input_size: tuple[int, int], in_chans: int,
                         samples: int = 4, images: list[torch.Tensor] | None = None, device: str | None = None,
-                        seed: int = 0) -> tuple[Agreement, list[Agreement]]:
-    """The strict float64 gate and the float32 (and device) figures at the training size."""
+                        seed: int = 0) -> tuple[Agreement, list[Agreement], list[Agreement]]:
+    """The strict float64 gate and the float32 (and device) figures at the training size.
+
+    Returns:
+        The float64 gate and the float32 figures (each the worst over the outputs), and, for a model with
+        several outputs, the float64 and float32 agreement of each output.
+    """
     x = _inputs(samples, in_chans, input_size, images, seed)
     ref64 = _evaluating(copy.deepcopy(model).double())
     fcn64 = _evaluating(copy.deepcopy(fcn).double())
-    strict = _compare(_logits(ref64, x.double()), _logits(fcn64, x.double()), "float64", "cpu", FP64_RTOL)
+    per_output = compare_outputs(_logits(ref64, x.double()), _logits(fcn64, x.double()), "float64", "cpu",
+                                 FP64_RTOL)
     del ref64, fcn64
     # Copies: the caller's model keeps its dtype and mode (verify never changes what it is given).
     ref32, fcn32 = _evaluating(copy.deepcopy(model).float()), _evaluating(copy.deepcopy(fcn).float())
-    others = [_compare(_logits(ref32, x), _logits(fcn32, x), "float32", "cpu", FP32_RTOL)]
+    per_output32 = compare_outputs(_logits(ref32, x), _logits(fcn32, x), "float32", "cpu", FP32_RTOL)
     del ref32, fcn32
+    strict = max(per_output, key=lambda a: a.max_rel_error)
+    others = [max(per_output32, key=lambda a: a.max_rel_error)]
     if device and device != "cpu":
         # cuDNN may use TF32 for convolutions by default while the Linear would not: switch it off to compare.
         tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
@@ -147,7 +183,7 @@ def check_training_size(model: nn.Module, fcn: nn.Module, input_size: tuple[int,
             others.append(_compare(_logits(ref, on_device), _logits(conv, on_device), "float32", device, FP32_RTOL))
         finally:
             torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
-    return strict, others
+    return strict, others, (per_output + per_output32 if len(per_output) > 1 else [])
 
 
 def _sample_cells(h: int, w: int, count: int, generator: torch.Generator) -> list[tuple[int, int]]:
@@ -164,12 +200,12 @@ def _sample_cells(h: int, w: int, count: int, generator: torch.Generator) -> lis
 def check_dense(model: nn.Module, fcn: FullyConvolutionalNet, cells: int = 8, grow: int = 3,
                 seed: int = 0) -> DenseAgreement:
     """Dense cells against the original on their crops, on an input ``grow`` strides (+ a remainder) larger."""
-    g = fcn.geometry
+    g, selected = fcn.geometry, getattr(fcn, "selected", "0")
     size = (g.window[0] + grow * g.stride[0] + g.stride[0] // 2, g.window[1] + (grow + 1) * g.stride[1] + 1)
     generator = torch.Generator().manual_seed(seed)
     image = torch.randn(1, fcn.in_chans, *size, generator=generator, dtype=torch.float64)
     ref = copy.deepcopy(model).double().eval()
-    dense = copy.deepcopy(fcn).double().eval()(image)[0]
+    dense = flatten_outputs(copy.deepcopy(fcn).double().eval()(image))[selected][0]
     h, w = dense.shape[-2:]
     chosen = [c for c in _sample_cells(h, w, cells, generator)]
     crops, kept = [], []
@@ -179,9 +215,9 @@ def check_dense(model: nn.Module, fcn: FullyConvolutionalNet, cells: int = 8, gr
             continue  # a padded network's border cell whose window leaves the image has no crop
         crops.append(image[0, :, y:y + g.window[0], x:x + g.window[1]])
         kept.append((i, j))
-    reference = _logits(ref, torch.stack(crops))
+    reference = _logits(ref, torch.stack(crops))[selected]
     candidate = torch.stack([dense[:, i, j] for i, j in kept])
-    agreement = _compare(reference, candidate, "float64", "cpu", DENSE_EXACT_RTOL)
+    agreement = _compare_one(reference, candidate, "float64", "cpu", DENSE_EXACT_RTOL)
     causes = []
     if g.padded:
         causes.append("zero padding: near a crop's border the crop sees zeros where the dense pass sees image")
@@ -191,7 +227,8 @@ def check_dense(model: nn.Module, fcn: FullyConvolutionalNet, cells: int = 8, gr
         causes.append("'same' padding computed from the input size")
     causes.extend(g.notes)
     return DenseAgreement(tuple(size), (h, w), len(kept), agreement.max_abs_error, agreement.max_rel_error,
-                          agreement.top1_agreement, g.exact, causes, DENSE_EXACT_RTOL)
+                          agreement.top1_agreement, g.exact, causes, DENSE_EXACT_RTOL,
+                          selected if len(getattr(fcn, "output_names", ())) > 1 else "")
 
 
 def verify(model: nn.Module, fcn: FullyConvolutionalNet, input_size=None, samples: int = 4,
@@ -210,9 +247,10 @@ def verify(model: nn.Module, fcn: FullyConvolutionalNet, input_size=None, sample
     """
 
     size = parse_input_size(input_size) if input_size is not None else fcn.input_size
-    strict, others = check_training_size(model, fcn, size, fcn.in_chans, samples, images, device, seed)
+    strict, others, outputs = check_training_size(model, fcn, size, fcn.in_chans, samples, images, device, seed)
     dense = check_dense(model, fcn, dense_cells, seed=seed) if dense_cells else None
-    return EquivalenceReport(strict, others, dense, fcn.geometry.to_dict())
+    outputs = [a for a in outputs if a.dtype == "float64"]
+    return EquivalenceReport(strict, others, dense, fcn.geometry.to_dict(), outputs=outputs)
 
 
 def verify_converted(original: nn.Module, converted: nn.Module, input_size, in_chans: int, geometry,
@@ -225,12 +263,18 @@ def verify_converted(original: nn.Module, converted: nn.Module, input_size, in_c
         input_size, in_chans, geometry: from the file's metadata.
         onnx_path: for an ``.onnx``, also compare onnxruntime with a fresh PyTorch conversion at several sizes.
     """
-    strict, others = check_training_size(original, converted, tuple(input_size), in_chans, samples, seed=seed)
+    strict, others, outputs = check_training_size(original, converted, tuple(input_size), in_chans, samples,
+                                                  seed=seed)
     runtime = []
     if onnx_path is not None:
 
         # onnxruntime computes in float32 whatever it is given: the float32 figures are the gate.
         strict, others = others[0], []
         strict.device = "cpu (onnxruntime)"
+        outputs = [a for a in outputs if a.dtype == "float32"]
+        for agreement in outputs:
+            agreement.device = "cpu (onnxruntime)"
         runtime = verify_onnx(onnx_path, original)
-    return EquivalenceReport(strict, others, None, geometry.to_dict(), runtime)
+    else:
+        outputs = [a for a in outputs if a.dtype == "float64"]
+    return EquivalenceReport(strict, others, None, geometry.to_dict(), runtime, outputs)

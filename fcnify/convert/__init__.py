@@ -20,6 +20,13 @@ from fcnify.convert.geometry import Geometry, compute_geometry
 from fcnify.convert.network import FullyConvolutionalNet
 from fcnify.convert.ops import op_name
 from fcnify.convert.optimize import commute_pool_and_classifier
+from fcnify.convert.outputs import (
+    OutputInfo,
+    describe_outputs,
+    flatten_outputs,
+    is_namedtuple_type,
+    named_leaves,
+)
 from fcnify.convert.rules import (
     BOUNDARY_RULES,
     Positionwise,
@@ -33,7 +40,7 @@ from fcnify.convert.trace import capture, propagate_shapes, shape_of
 from fcnify.errors import ConversionError, InputError, describe
 from fcnify.introspect import input_channels, placement
 
-__all__ = ["FullyConvolutionalNet", "Geometry", "Rewrite", "convert", "parse_input_size"]
+__all__ = ["FullyConvolutionalNet", "Geometry", "OutputInfo", "Rewrite", "convert", "parse_input_size"]
 
 _logger = logging.getLogger(__name__)
 
@@ -102,11 +109,7 @@ def _convert(model: nn.Module, size: tuple[int, int], in_chans: int, optimize: b
             f"{describe(exc)}",
             hint="pass the size it was trained at with --input-size (e.g. 224 or 224x192)",
         ) from exc
-    out_shape = shape_of(next(n for n in traced.graph.nodes if n.op == "output").args[0]) \
-        if isinstance(next(n for n in traced.graph.nodes if n.op == "output").args[0], torch.fx.Node) else None
-    if out_shape is None:
-        raise ConversionError("the model does not return one tensor of logits",
-                              hint="wrap it so forward() returns the N×K logits only")
+    _check_outputs(_graph_outputs(traced))
 
     analysis = analyse(traced)
     ctx = RewriteContext(traced, traced, analysis)
@@ -125,33 +128,74 @@ def _convert(model: nn.Module, size: tuple[int, int], in_chans: int, optimize: b
             f"the rewritten network does not run at the training size: {describe(exc)}",
             hint="please report this model; the rewrite is refused rather than returned broken",
         ) from exc
-    geometry = compute_geometry(new_gm, (height, width), analysis.has_global_context)
-    _check_grid(new_gm, geometry, example)
-    _logger.info("converted %s: %d rewrites, geometry %s", type(model).__name__, len(ctx.rewrites), geometry)
-    fcn = FullyConvolutionalNet(new_gm, geometry, (height, width), in_chans, ctx.rewrites)
+    outputs = []
+    for name, leaf in _graph_outputs(new_gm):
+        geometry = compute_geometry(new_gm, (height, width), analysis.has_global_context, output=leaf)
+        shape = shape_of(leaf)
+        outputs.append(OutputInfo(name, int(shape[1]) if shape and len(shape) > 1 else 0, geometry))
+    _check_grid(new_gm, outputs, example)
+    _logger.info("converted %s: %d rewrites, outputs %s", type(model).__name__, len(ctx.rewrites),
+                 describe_outputs(outputs))
+    fcn = FullyConvolutionalNet(new_gm, None, (height, width), in_chans, ctx.rewrites, outputs=outputs)
     return fcn.eval()
 
 
-def _check_grid(net: nn.Module, geometry: Geometry, example: torch.Tensor) -> None:
-    """Gate: one stride more input must give exactly one more cell each way, else the network is refused."""
-    (h, w), (sy, sx) = geometry.window, geometry.stride
-    bigger = example.new_zeros(1, example.shape[1], h + sy, w + sx)
-    try:
-        with torch.no_grad():
-            at_training = net(example[:1])
-            grown = net(bigger)
-    except Exception as exc:
-        raise ConversionError(
-            f"the rewritten network does not run above the training size ({h + sy}x{w + sx}): "
-            f"{describe(exc, 200)}",
-            hint="some block of the body only works at the training size (window attention, fixed reshapes)",
-        ) from exc
-    if at_training.dim() != 4 or tuple(at_training.shape[-2:]) != (1, 1) or tuple(grown.shape[-2:]) != (2, 2):
-        raise ConversionError(
-            f"the rewritten network gives maps of {tuple(at_training.shape[2:])} at {h}x{w} and "
-            f"{tuple(grown.shape[2:])} at {h + sy}x{w + sx}, not 1×1 and 2×2 for the computed stride {geometry.stride}",
-            hint="the body contains blocks whose output grid fcnify cannot follow; please report the model",
-        )
+def _graph_children(value) -> list[tuple[str, object]] | None:
+    """Containers of a graph's output: Python containers, and FX nodes that build a namedtuple."""
+    if isinstance(value, torch.fx.Node) and value.op == "call_function" and is_namedtuple_type(value.target):
+        fields = value.target._fields
+        args = list(value.args) + [value.kwargs[f] for f in fields[len(value.args):] if f in value.kwargs]
+        return list(zip(fields, args))
+    if isinstance(value, torch.fx.Node):
+        return None
+    if isinstance(value, dict):
+        return [(str(k), v) for k, v in value.items()]
+    if isinstance(value, (tuple, list)):
+        return [(str(i), v) for i, v in enumerate(value)]
+    return None
+
+
+def _graph_outputs(gm: torch.fx.GraphModule) -> list[tuple[str, object]]:
+    """The named leaves of ``gm``'s output (FX nodes, or constants for a model that returns some)."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    return named_leaves(output.args[0], _graph_children)
+
+
+def _check_outputs(leaves: list[tuple[str, object]]) -> None:
+    """Every output must be a tensor: a model that also returns None, numbers or strings is refused."""
+    for name, leaf in leaves:
+        if not isinstance(leaf, torch.fx.Node) or shape_of(leaf) is None:
+            what = type(leaf).__name__ if not isinstance(leaf, torch.fx.Node) else "a value that is not a tensor"
+            raise ConversionError(
+                f"the model's output {name} is {what}, not a tensor of scores",
+                hint="wrap the model so forward() returns only tensors (one, or a tuple/dict of them)")
+
+
+def _check_grid(net: nn.Module, outputs: list[OutputInfo], example: torch.Tensor) -> None:
+    """Gate: for every output, one stride more input must give exactly one more cell each way, else the
+    network is refused."""
+    for info in outputs:
+        geometry = info.geometry
+        (h, w), (sy, sx) = geometry.window, geometry.stride
+        bigger = example.new_zeros(1, example.shape[1], h + sy, w + sx)
+        try:
+            with torch.no_grad():
+                at_training = flatten_outputs(net(example[:1]))[info.name]
+                grown = flatten_outputs(net(bigger))[info.name]
+        except Exception as exc:
+            raise ConversionError(
+                f"the rewritten network does not run above the training size ({h + sy}x{w + sx}): "
+                f"{describe(exc, 200)}",
+                hint="some block of the body only works at the training size (window attention, fixed reshapes)",
+            ) from exc
+        if at_training.dim() != 4 or tuple(at_training.shape[-2:]) != (1, 1) or tuple(grown.shape[-2:]) != (2, 2):
+            which = f"output {info.name} of " if len(outputs) > 1 else ""
+            raise ConversionError(
+                f"{which}the rewritten network gives maps of {tuple(at_training.shape[2:])} at {h}x{w} and "
+                f"{tuple(grown.shape[2:])} at {h + sy}x{w + sx}, not 1×1 and 2×2 for the computed stride "
+                f"{geometry.stride}",
+                hint="the body contains blocks whose output grid fcnify cannot follow; please report the model",
+            )
 
 
 def _rewrite_nodes(ctx: RewriteContext) -> None:
@@ -159,7 +203,11 @@ def _rewrite_nodes(ctx: RewriteContext) -> None:
     for node in ctx.old.graph.nodes:
         info = analysis.info[node]
         if node.op == "output":
-            ctx.graph.output(_output_value(ctx, node.args[0]))
+            ctx.graph.output(torch.fx.node.map_aggregate(node.args[0], lambda v: _output_value(ctx, v)))
+            continue
+        if _builds_output_namedtuple(node):
+            # The output's namedtuple: rebuilt from the converted maps.
+            ctx.env[node] = ctx.graph.node_copy(node, lambda n: _output_value(ctx, n))
             continue
         if analysis.is_head(node):
             new, layout = _rewrite_head(ctx, node)
@@ -230,10 +278,17 @@ def _boundary_of(analysis: Analysis, node: torch.fx.Node) -> torch.fx.Node:
     return best
 
 
+def _builds_output_namedtuple(node: torch.fx.Node) -> bool:
+    return (node.op == "call_function" and is_namedtuple_type(node.target)
+            and all(user.op == "output" for user in node.users))
+
+
 def _output_value(ctx: RewriteContext, value):
+    """The converted counterpart of one leaf of the model's output (a map for each per-window vector)."""
     if not isinstance(value, torch.fx.Node):
-        raise ConversionError("the model does not return one tensor of logits",
-                              hint="wrap it so forward() returns the N×K logits only")
+        return value  # refused before the rewrite (``_check_outputs``)
+    if _builds_output_namedtuple(value):
+        return ctx.env[value]
     layout = ctx.layouts.get(value)
     new = ctx.env[value]
     if layout is None and ctx.analysis.kind(value) is Kind.SPATIAL:

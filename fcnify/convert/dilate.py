@@ -38,6 +38,7 @@ from fcnify.convert.analysis import analyse
 from fcnify.convert.geometry import _is_opaque
 from fcnify.convert.network import FullyConvolutionalNet
 from fcnify.convert.ops import WindowParams, explicit_padding, node_arg, op_name, pair, window_params
+from fcnify.convert.outputs import OutputInfo
 from fcnify.convert.rules import Rewrite
 from fcnify.convert.trace import propagate_shapes, shape_of
 from fcnify.errors import ConversionError, first_line
@@ -135,6 +136,11 @@ def dilate(fcn, output_stride: int):
     _check_output_stride(output_stride, native)
     if all(s == target for s in native):
         return fcn
+    names = getattr(fcn, "output_names", ())
+    if len(names) > 1:  # each output's crop and stride check would differ: one output only, for now
+        raise ConversionError(f"--output-stride works on networks with one output; this one has {len(names)} "
+                              f"({', '.join(names)})",
+                              hint="leave --output-stride out, or wrap the model so forward() returns one output")
     if geometry.size_dependent_padding:
         raise ConversionError("--output-stride: the network pads by an amount computed from the input size "
                               "('same' padding), which has no dilated equivalent",
@@ -147,7 +153,9 @@ def dilate(fcn, output_stride: int):
     gm.delete_all_unused_submodules()
     gm.eval()
     geo = geometry.refined(target)
-    result = FullyConvolutionalNet(gm, geo, fcn.input_size, fcn.in_chans, list(fcn.rewrites) + rewrite.rewrites)
+    outputs = [OutputInfo(fcn.selected, fcn.channels[fcn.selected], geo)] if hasattr(fcn, "selected") else None
+    result = FullyConvolutionalNet(gm, geo, fcn.input_size, fcn.in_chans, list(fcn.rewrites) + rewrite.rewrites,
+                                   outputs=outputs)
     result = result.eval()
     _check(fcn, result, rewrite.example)
     _logger.info("output stride %d: %d layers rewritten", target, len(rewrite.rewrites))

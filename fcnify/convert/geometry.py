@@ -213,6 +213,16 @@ def _window_params(node: torch.fx.Node, name: str, module: nn.Module | None, in_
         step = SizeStep("window", extent, tuple(s), p, p, op.ceil_mode)
     if any(p):
         flags.padded = True
+    if op.ceil_mode and in_hw and all(in_hw):
+        # A ceil-mode pool adds a last window that hangs over the edge when the map does not divide evenly.
+        # At the training size that window holds fewer pixels; in a dense pass the same window lies inside the
+        # larger image and sees pixels the crop does not have.
+        overhang = [(-(i + 2 * pp - dd * (kk - 1) - 1)) % st for i, pp, kk, st, dd in zip(in_hw, p, k, s, d)]
+        if any(overhang):
+            flags.notes.append(
+                f"ceil-mode pool '{node.name}' (kernel {k[0]}×{k[1]}, stride {s[0]}×{s[1]}) has a partial window at "
+                f"the training-size edge ({overhang[0]}×{overhang[1]} positions of its {in_hw[0]}×{in_hw[1]} input "
+                "missing): there a dense cell sees image that the crop does not")
     return k, s, p, d, step
 
 
@@ -232,20 +242,39 @@ def _hw(shape, dims):
     return (shape[dims[0]], shape[dims[1]])
 
 
-def compute_geometry(gm: torch.fx.GraphModule, input_size: tuple[int, int], global_context: bool) -> Geometry:
-    """Geometry of a converted, shape-propagated GraphModule whose output is an N×K×h×w map."""
+def _ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
+    seen, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if current not in seen:
+            seen.add(current)
+            stack.extend(current.all_input_nodes)
+    return seen
+
+
+def compute_geometry(gm: torch.fx.GraphModule, input_size: tuple[int, int], global_context: bool,
+                     output: torch.fx.Node | None = None) -> Geometry:
+    """Geometry of a converted, shape-propagated GraphModule's N×K×h×w map.
+
+    Args:
+        output: the node of the output to describe, for a network with several (default: the graph's output,
+            a single map). Only the ops it depends on count: heads branching at different depths differ.
+    """
     info = analyse(gm).info
     modules = dict(gm.named_modules())
-    flags = _Flags(global_context=global_context)
+    if output is None:
+        output = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    used = _ancestors(output) if isinstance(output, torch.fx.Node) else set()
+    # Global context counts for this output unless the converted graph shows it elsewhere only.
+    context_nodes = {n for n, i in info.items() if i.context}
+    flags = _Flags(global_context=global_context and (not context_nodes or bool(context_nodes & used)))
     cells: dict[torch.fx.Node, _Cell] = {}
     output_cell = None
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             cells[node] = _Cell((1.0, 1.0), (0.5, 0.5), (1.0, 1.0), ())
             continue
-        if node.op == "output":
-            out = node.args[0]
-            output_cell = cells.get(out) if isinstance(out, torch.fx.Node) else None
+        if node not in used:
             continue
         inputs = [cells[n] for n in node.all_input_nodes if n in cells]
         if not inputs or info[node].kind is not Kind.SPATIAL:
@@ -286,6 +315,7 @@ def compute_geometry(gm: torch.fx.GraphModule, input_size: tuple[int, int], glob
         flags.notes.append(f"node '{node.name}' ({name}) is opaque to fcnify; its geometry was measured")
         cells[node] = _probe_opaque(node, modules.get(node.target) if node.op == "call_module" else None,
                                     inputs[0], shape_of(src_node), in_hw, out_hw)
+    output_cell = cells.get(output) if isinstance(output, torch.fx.Node) else None
     if output_cell is None:
         output_cell = _Cell((1.0, 1.0), (input_size[0] / 2, input_size[1] / 2), tuple(map(float, input_size)),
                             None)
