@@ -449,6 +449,7 @@ def heatmap(
     std: StdOpt = None,
     labels: LabelsOpt = None,
     in_chans: InChansOpt = None,
+    output: OutputOpt = None,
     as_json: JsonOpt = False,
 ):
     """Compute dense class score maps and heatmaps for images and slides, tile by tile in bounded memory."""
@@ -476,10 +477,13 @@ def heatmap(
     if engine == "ray":
 
         require_ray()  # before loading and converting the model
-    loaded = _load(model, weights, arch, input_size, trust_model, _Preprocessing(mean, std, labels, in_chans))
+    loaded = _load(model, weights, arch, input_size, trust_model,
+                   _Preprocessing(mean, std, labels, in_chans, output))
     metadata = None
     if loaded.converted:
-        fcn, geometry = loaded.module, loaded.geometry
+        _note_outputs(loaded.module, output)  # once per job, not per image
+        fcn = loaded.module
+        geometry = fcn.geometry if hasattr(fcn, "selected") else loaded.geometry
     else:
         fcn = _convert(loaded)
         geometry = fcn.geometry
