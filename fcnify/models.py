@@ -69,6 +69,10 @@ def output_channels(module: nn.Module, input_size: tuple[int, int], in_chans: in
     if isinstance(module, torch.jit.ScriptModule):
         return None
     device, dtype = placement(module)
+    # A model that does not run at this size makes the fake-tensor dispatcher log the whole traceback at ERROR
+    # level; the conversion reports the same failure on one line, so it is silenced here.
+    fake_logger = logging.getLogger("torch._subclasses.fake_tensor")
+    disabled, fake_logger.disabled = fake_logger.disabled, True
     try:
         with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
             outputs = flatten_outputs(module.eval()(torch.empty(1, in_chans, *input_size, dtype=dtype,
@@ -78,6 +82,8 @@ def output_channels(module: nn.Module, input_size: tuple[int, int], in_chans: in
     except Exception as exc:  # an op fake tensors cannot run, or a wrong size: the conversion says why later
         _logger.info("class count from the outputs' shapes failed: %s", describe(exc, 200))
         return None
+    finally:
+        fake_logger.disabled = disabled
 
 
 def _select_output(loaded: LoadedModel, output: str | None) -> None:
