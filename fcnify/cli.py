@@ -115,6 +115,9 @@ LabelsOpt = Annotated[str | None, typer.Option(
     "--labels", help="Class names: a comma list (cat,dog) or a text file with one name a line.")]
 InChansOpt = Annotated[int | None, typer.Option(
     "--in-chans", min=1, help="Input channels, where they cannot be read from the model (1: grayscale).")]
+OutputOpt = Annotated[str | None, typer.Option(
+    "--output", help="For a model with several outputs (tuple, dict): the one to use, by index or name "
+    "(default: the first).")]
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,7 @@ class _Preprocessing:
     std: str | None = None
     labels: str | None = None
     in_chans: int | None = None
+    output: str | None = None
 
 
 def _load(model: str | None, weights: str, arch: str | None, input_size: str | None, trust: bool,
@@ -141,8 +145,17 @@ def _load(model: str | None, weights: str, arch: str | None, input_size: str | N
 
 
 def _convert(loaded):
+    """Convert the loaded classifier, with the output the user picked selected (noted when there are several)."""
+    fcn = convert_model(loaded.module, require_input_size(loaded), in_chans=loaded.in_chans).select(loaded.output)
+    _note_outputs(fcn, loaded.output)
+    return fcn
 
-    return convert_model(loaded.module, require_input_size(loaded), in_chans=loaded.in_chans)
+
+def _note_outputs(net, picked: str | None) -> None:
+    """One line naming a model's outputs and how to pick another, when it has several and none was picked."""
+    note = net.outputs_note() if hasattr(net, "outputs_note") else ""
+    if note and picked is None:
+        err_console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
 
 
 def _fmt(value: float) -> str:
@@ -169,9 +182,19 @@ def _report_tables(report) -> list[Table]:
                       _fmt(agreement.max_rel_error), f"{agreement.top1_agreement:.0%}", _fmt(agreement.tolerance),
                       ("[green]pass[/]" if agreement.passed else "[red]FAIL[/]") + f" ({gate})")
     tables = [table]
+    if report.outputs:
+        per_output = Table(title="Each output at the training size (max errors)")
+        for column in ("output", "dtype", "abs err", "rel err", "top-1", "result"):
+            per_output.add_column(column, no_wrap=column == "result")
+        for a in report.outputs:
+            per_output.add_row(a.output, a.dtype, _fmt(a.max_abs_error), _fmt(a.max_rel_error),
+                               f"{a.top1_agreement:.0%}", "[green]pass[/]" if a.passed else "[red]FAIL[/]")
+        tables.append(per_output)
     if report.dense is not None:
         d = report.dense
-        dense = Table(title=f"Dense map vs original on crops ({d.input_size[0]}×{d.input_size[1]} input, max deviations)")
+        which = f"output {d.output}: " if d.output else ""
+        dense = Table(title=f"Dense map vs original on crops ({which}{d.input_size[0]}×{d.input_size[1]} input, "
+                            "max deviations)")
         for column in ("map", "cells", "abs dev", "rel dev", "top-1", "label", "cause"):
             dense.add_column(column)
         dense.add_row(f"{d.map_size[0]}×{d.map_size[1]}", str(d.cells_checked), _fmt(d.max_abs_error),
@@ -186,7 +209,7 @@ def _report_tables(report) -> list[Table]:
 @_reports_errors
 def convert(
     model: ModelArg = None,
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="Output .pt2 (default <name>.fcn.pt2).")] = None,
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="Output .pt2 (default <name>.fcn.pt2).")] = None,
     onnx: Annotated[Path | None, typer.Option("--onnx", help="Also write an ONNX model with dynamic H×W.")] = None,
     input_size: SizeOpt = None,
     weights: WeightsOpt = "default",
@@ -197,20 +220,25 @@ def convert(
     std: StdOpt = None,
     labels: LabelsOpt = None,
     in_chans: InChansOpt = None,
+    output: OutputOpt = None,
     as_json: JsonOpt = False,
 ):
     """Rewrite MODEL into a fully-convolutional network, verify it, and save it as a standalone .pt2."""
 
-    loaded = _load(model, weights, arch, input_size, trust_model, _Preprocessing(mean, std, labels, in_chans))
+    if output is not None and output.lower().endswith((".pt2", ".onnx")):
+        raise InputError(f"--output {output}: --output picks one of the model's outputs (an index or a name)",
+                         hint=f"write the file with -o {output}")
+    loaded = _load(model, weights, arch, input_size, trust_model,
+                   _Preprocessing(mean, std, labels, in_chans, output))
     if loaded.converted:
         raise InputError(f"{model} is already converted", hint="use it with 'fcnify heatmap', or check it with 'fcnify verify FILE --against SOURCE'")
-    output = output or Path(f"{loaded.name}.fcn.pt2")
+    out = out or Path(f"{loaded.name}.fcn.pt2")
     layout = loaded.extra.get("input_layout")
     if layout and onnx is None:  # an ONNX classifier: its conversion as ONNX too, beside the .pt2
-        onnx = output.with_suffix(".onnx")
+        onnx = out.with_suffix(".onnx")
         if onnx.resolve() == Path(model).resolve():  # never the original's own name
-            onnx = output.with_name(f"{output.stem}.fcn.onnx")
-    for path in (output, onnx):
+            onnx = out.with_name(f"{out.stem}.fcn.onnx")
+    for path in (out, onnx):
         if path is not None and path.exists() and not force:
             raise OutputError(f"{path} already exists", hint="pass --force to overwrite it, or choose another path")
     fcn = _convert(loaded)
@@ -221,10 +249,11 @@ def convert(
             f"at {fcn.input_size[0]}x{fcn.input_size[1]}; nothing was written",
             hint="please report this model: fcnify refuses to save a network that is not equivalent")
     metadata = ModelMetadata.of(loaded, fcn)
-    save_pt2(fcn, metadata, output, force=force)
-    result = {"output": str(output), "source": loaded.source, "input_size": list(fcn.input_size),
+    save_pt2(fcn, metadata, out, force=force)
+    result = {"output": str(out), "source": loaded.source, "input_size": list(fcn.input_size),
               "preprocessing": loaded.preprocessing,
               "geometry": fcn.geometry.to_dict(), "verification": report.to_dict(),
+              "outputs": [o.to_dict() for o in fcn.outputs_summary()], "selected_output": fcn.selected,
               "rewrites": [vars(r) for r in fcn.rewrites]}
     if layout:
         result["input_layout"] = {"original": layout, "converted": "NCHW"}
@@ -248,7 +277,7 @@ def convert(
         checked = ", ".join("x".join(map(str, c["input_size"])) for c in result["onnx"]["checks"])
         console.print(f"[green]wrote[/] {onnx} (opset {result['onnx']['opset']}, onnx.checker full check, "
                       f"onnxruntime agrees with PyTorch at {checked})")
-    console.print(f"[green]wrote[/] {output}  (torch.export.load('{output}').module() runs any H×W ≥ "
+    console.print(f"[green]wrote[/] {out}  (torch.export.load('{out}').module() runs any H×W ≥ "
                   f"{fcn.input_size[0]}×{fcn.input_size[1]})")
     if layout:
         console.print(_layout_line(loaded.source, layout), highlight=False)
@@ -287,6 +316,7 @@ def verify(
     std: StdOpt = None,
     labels: LabelsOpt = None,
     in_chans: InChansOpt = None,
+    output: OutputOpt = None,
     as_json: JsonOpt = False,
 ):
     """Prove a conversion: same logits at the training size (float64 gate), dense map vs crops, geometry.
@@ -295,9 +325,10 @@ def verify(
     """
 
     # Random inputs need no normalisation; --image does, so the note only matters with images.
-    loaded = _load(model, weights, arch, input_size, trust_model, _Preprocessing(mean, std, labels, in_chans),
-                   note=bool(image))
+    loaded = _load(model, weights, arch, input_size, trust_model,
+                   _Preprocessing(mean, std, labels, in_chans, output), note=bool(image))
     if loaded.converted:
+        _note_outputs(loaded.module, output)
         if against is None:
             raise InputError(f"{model} is already converted: there is no original to compare with",
                               hint="pass --against MODEL with the spec it was converted from")
@@ -435,6 +466,7 @@ def heatmap(
     std: StdOpt = None,
     labels: LabelsOpt = None,
     in_chans: InChansOpt = None,
+    output: OutputOpt = None,
     as_json: JsonOpt = False,
 ):
     """Compute dense class score maps and heatmaps for images and slides, tile by tile in bounded memory."""
@@ -462,10 +494,13 @@ def heatmap(
     if engine == "ray":
 
         require_ray()  # before loading and converting the model
-    loaded = _load(model, weights, arch, input_size, trust_model, _Preprocessing(mean, std, labels, in_chans))
+    loaded = _load(model, weights, arch, input_size, trust_model,
+                   _Preprocessing(mean, std, labels, in_chans, output))
     metadata = None
     if loaded.converted:
-        fcn, geometry = loaded.module, loaded.geometry
+        _note_outputs(loaded.module, output)  # once per job, not per image
+        fcn = loaded.module
+        geometry = fcn.geometry if hasattr(fcn, "selected") else loaded.geometry
     else:
         fcn = _convert(loaded)
         geometry = fcn.geometry

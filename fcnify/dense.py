@@ -17,6 +17,7 @@ from torch import nn
 from fcnify.convert import FullyConvolutionalNet
 from fcnify.convert.dilate import dilate
 from fcnify.convert.from_export import exported_input_shape, rebuild_modules
+from fcnify.convert.outputs import flatten_outputs
 from fcnify.errors import FcnifyError, InputError, first_line
 from fcnify.export import ExportedNet
 from fcnify.heatmap.scoremap import ScoreMap, check_class_count
@@ -128,6 +129,8 @@ def _forward(fcn: nn.Module, batch: torch.Tensor, device: torch.device, dtype: t
         else:
             with torch.autocast(device_type=device.type, dtype=dtype):
                 out = fcn(batch)
+    if not isinstance(out, torch.Tensor) and getattr(fcn, "selected", None) is not None:
+        out = flatten_outputs(out).get(fcn.selected, out)  # a network with several outputs: the selected map
     if not isinstance(out, torch.Tensor) or out.dim() != 4:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise InputError(f"the network returned {shape}, not an N×K×h×w score map",

@@ -34,6 +34,8 @@ class LoadedModel:
             original's input layout).
         reference: what a conversion is checked against when it is not ``module`` itself: for an ONNX file,
             onnxruntime running the original file (``module`` is then its import into PyTorch).
+        output: the output the user picked (``--output``: an index or a name; None: the first), for a model
+            with several; ``labels`` belong to it.
     """
 
     module: nn.Module
@@ -48,6 +50,7 @@ class LoadedModel:
     extra: dict = field(default_factory=dict)
     normalisation: str | None = None
     reference: nn.Module | None = None
+    output: str | None = None
 
     @property
     def original(self) -> nn.Module:

@@ -26,14 +26,16 @@ from urllib.parse import urlparse
 import torch
 from safetensors import safe_open
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from fcnify import zoo
 from fcnify.convert import parse_input_size
 from fcnify.convert.from_export import exported_classes, exported_input_shape, rebuild_modules
 from fcnify.convert.from_onnx import import_onnx, read_onnx
+from fcnify.convert.outputs import flatten_outputs, resolve_output
 from fcnify.errors import InputError, ModelLoadError, UnsafeModelError, describe, first_line
 from fcnify.export import ExportedNet, load_pt2
-from fcnify.introspect import input_channels
+from fcnify.introspect import input_channels, placement
 from fcnify.loaded import ASSUMED, FROM_FLAG, FROM_METADATA, FROM_ZOO, LoadedModel
 from fcnify.onnx_runtime import OnnxClassifier, has_fcnify_metadata, load_onnx_model
 from fcnify.optional import require
@@ -48,11 +50,68 @@ STATE_DICT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 
 
 def _default_labels(module: nn.Module, count: int | None = None) -> tuple[str, ...]:
+    """Numbered class names: ``count`` of them, else a guess from the last layer defined (replaced by the
+    output's real channel count once the training size is known, ``apply_preprocessing``)."""
     if count is None:
         linears = [m for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
         count = linears[-1].out_features if linears and isinstance(linears[-1], nn.Linear) else (
             linears[-1].out_channels if linears else 0)
+    return _numbered(count)
+
+
+def _numbered(count: int) -> tuple[str, ...]:
     return tuple(str(i) for i in range(count))
+
+
+def output_channels(module: nn.Module, input_size: tuple[int, int], in_chans: int) -> dict[str, int] | None:
+    """Each output's channel count (dim 1) at the training size, by output name, from a shape-only run
+    (fake tensors: no memory, no arithmetic); None when the model does not run so. TorchScript is not run here:
+    its interpreter logs failures on the terminal itself (its outputs are counted when it is converted)."""
+    if isinstance(module, torch.jit.ScriptModule):
+        return None
+    device, dtype = placement(module)
+    # A model that does not run at this size makes the fake-tensor dispatcher log the whole traceback at ERROR
+    # level; the conversion reports the same failure on one line, so it is silenced here.
+    fake_logger = logging.getLogger("torch._subclasses.fake_tensor")
+    disabled, fake_logger.disabled = fake_logger.disabled, True
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+            outputs = flatten_outputs(module.eval()(torch.empty(1, in_chans, *input_size, dtype=dtype,
+                                                                    device=device)))
+        return {name: int(out.shape[1]) if isinstance(out, torch.Tensor) and out.dim() > 1 else 0
+                for name, out in outputs.items()}
+    except Exception as exc:  # an op fake tensors cannot run, or a wrong size: the conversion says why later
+        _logger.info("class count from the outputs' shapes failed: %s", describe(exc, 200))
+        return None
+    finally:
+        fake_logger.disabled = disabled
+
+
+def _select_output(loaded: LoadedModel, output: str | None) -> None:
+    """Pick ``output`` of a model with several and take its class count (labels numbered where not named).
+
+    Raises:
+        InputError: an output the model does not have (the message lists them).
+    """
+    if output is not None:
+        loaded.output = str(output)
+    if loaded.converted:
+        module = loaded.module
+        if not hasattr(module, "select"):
+            return
+        before = module.selected
+        loaded.module = module.select(loaded.output)
+        loaded.geometry = loaded.module.geometry
+        if loaded.module.selected != before:  # the file's labels belong to the output it was saved with
+            loaded.labels = _numbered(loaded.module.channels[loaded.module.selected])
+        return
+    if loaded.input_size is None or loaded.input_size[0] is None or loaded.labels != _numbered(len(loaded.labels)):
+        return  # named classes (a zoo model's), or a size that is not known yet
+    channels = output_channels(loaded.module, tuple(loaded.input_size), loaded.in_chans)
+    if not channels:
+        return
+    name = resolve_output(tuple(channels), channels, loaded.output)
+    loaded.labels = _numbered(channels[name])
 
 
 # ------------------------------------------------------------------------------------------- torchvision
@@ -534,10 +593,12 @@ def read_labels(value: str) -> tuple[str, ...]:
 
 
 def apply_preprocessing(loaded: LoadedModel, mean: str | None = None, std: str | None = None,
-                        labels: str | None = None, in_chans: int | None = None) -> LoadedModel:
-    """Apply the user's ``--mean``, ``--std``, ``--labels`` and ``--in-chans`` to ``loaded``, checked.
+                        labels: str | None = None, in_chans: int | None = None,
+                        output: str | None = None) -> LoadedModel:
+    """Apply the user's ``--mean``, ``--std``, ``--labels``, ``--in-chans`` and ``--output`` to ``loaded``, checked.
 
-    One value of mean or std stands for every channel.
+    One value of mean or std stands for every channel. The class count is the selected output's channels at
+    the training size (not the last layer the model defines).
 
     Raises:
         InputError: an unreadable value, or counts that do not match the channels or classes.
@@ -566,6 +627,7 @@ def apply_preprocessing(loaded: LoadedModel, mean: str | None = None, std: str |
         values = tuple(getattr(loaded, key))
         if len(values) == 1 and loaded.in_chans > 1:
             setattr(loaded, key, values * loaded.in_chans)
+    _select_output(loaded, output)
     if labels is not None:
         names = read_labels(labels)
         if loaded.labels and len(names) != len(loaded.labels):

@@ -135,7 +135,7 @@ class OnnxNet(MultiOutputNet, nn.Module):
         return dict(zip(self.output_names, maps, strict=True))
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
-        """The score map's size for an input of ``height`` × ``width`` (``Geometry.map_size``)."""
+        """The score map's size a one-pass forward gives for ``height`` × ``width`` (``Geometry.map_size``)."""
         return self.geometry.map_size(height, width)
 
     def to(self, *args, **kwargs) -> OnnxNet:  # noqa: D102 - device and dtype belong to the runtime

@@ -24,7 +24,6 @@ padding-free networks (shifting moves where the padding falls).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -153,7 +152,7 @@ def dilate(fcn, output_stride: int):
     gm.recompile()
     gm.delete_all_unused_submodules()
     gm.eval()
-    geo = dataclasses.replace(geometry, stride=(target, target))
+    geo = geometry.refined(target)
     outputs = [OutputInfo(fcn.selected, fcn.channels[fcn.selected], geo)] if hasattr(fcn, "selected") else None
     result = FullyConvolutionalNet(gm, geo, fcn.input_size, fcn.in_chans, list(fcn.rewrites) + rewrite.rewrites,
                                    outputs=outputs)

@@ -31,13 +31,15 @@ def linear_to_conv(linear_weight: torch.Tensor, bias: torch.Tensor | None, chann
         linear_weight: K×(C·H·W) weight of the Linear.
         bias: K bias or None.
         channels, height, width: the map that was flattened.
-        order: "chw" for ``flatten`` of an NCHW map, "hwc" for one permuted to channels-last first.
+        order: the order the flatten read the axes in: "chw" for ``flatten`` of an NCHW map, "hwc" for one
+            permuted to channels-last first, or any other permutation of the three letters.
     """
     out_features = linear_weight.shape[0]
-    if order == "chw":
-        kernel = linear_weight.reshape(out_features, channels, height, width)
-    else:
-        kernel = linear_weight.reshape(out_features, height, width, channels).permute(0, 3, 1, 2)
+    sizes = {"c": channels, "h": height, "w": width}
+    if sorted(order) != ["c", "h", "w"]:
+        raise ValueError(f"order {order!r} is not a permutation of 'chw'")
+    kernel = linear_weight.reshape(out_features, *(sizes[axis] for axis in order))
+    kernel = kernel.permute(0, *(1 + order.index(axis) for axis in "chw"))
     conv = nn.Conv2d(channels, out_features, (height, width), bias=bias is not None)
     conv = conv.to(device=linear_weight.device, dtype=linear_weight.dtype)
     with torch.no_grad():

@@ -82,7 +82,7 @@ _MODULE_NAMES: tuple[tuple[type, str], ...] = (
     (nn.AdaptiveAvgPool2d, "adaptive_avg_pool2d"), (nn.AdaptiveMaxPool2d, "adaptive_max_pool2d"),
     (nn.AvgPool2d, "avg_pool2d"), (nn.MaxPool2d, "max_pool2d"), (nn.BatchNorm1d, "batch_norm1d"),
     (nn.BatchNorm2d, "batch_norm2d"), (nn.LayerNorm, "layer_norm"), (nn.Softmax, "softmax"),
-    (nn.LogSoftmax, "log_softmax"),
+    (nn.LogSoftmax, "log_softmax"), (nn.PReLU, "prelu"),
 )
 
 

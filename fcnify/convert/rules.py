@@ -49,7 +49,7 @@ class Unflattened:
     channels: int
     height: int
     width: int
-    order: str  # "chw" or "hwc": the order the original flatten read the map in
+    order: str  # the order the original flatten read the map's axes in: "chw", "hwc", "whc", … (any of six)
 
 
 @dataclass(frozen=True)
@@ -187,15 +187,23 @@ def boundary_rule(*names: str):
 
 
 def _nchw_value(ctx: RewriteContext, src: torch.fx.Node) -> tuple[torch.fx.Node, tuple[int, int, int], str]:
-    """The spatial input as an N×C×H×W value, its (C, H, W) at the training size, and its channel order."""
+    """The spatial input as an N×C×H×W value, its (C, H, W) at the training size, and the order its three
+    feature axes are laid out in (``"chw"``, ``"hwc"``, ``"whc"``, … : any permutation of the map's axes).
+
+    A flatten of a permuted map (``x.permute(0, 3, 2, 1)`` before ``view``, as Caffe ports do) reads the
+    features in another order: the following Linear's weights are reordered to match (``linear_to_conv``).
+    """
     shape = shape_of(src)
     dims = ctx.analysis.info[src].spatial_dims
-    if shape is None or len(shape) != 4 or dims not in ((2, 3), (1, 2)):
-        raise refuse(src, f"expected an N×C×H×W or N×H×W×C map before the head, got shape {shape}")
+    if shape is None or len(shape) != 4 or dims is None or 0 in dims or dims[0] == dims[1]:
+        raise refuse(src, f"expected an N×C×H×W map (its axes in any order) before the head, got shape {shape}")
+    channel = ({1, 2, 3} - set(dims)).pop()
+    letters = {channel: "c", dims[0]: "h", dims[1]: "w"}
+    order = "".join(letters[d] for d in (1, 2, 3))
     value = ctx.env[src]
-    if dims == (1, 2):
-        return ctx.call_method("permute", value, (0, 3, 1, 2)), (shape[3], shape[1], shape[2]), "hwc"
-    return value, (shape[1], shape[2], shape[3]), "chw"
+    if order != "chw":
+        value = ctx.call_method("permute", value, (0, channel, dims[0], dims[1]))
+    return value, (shape[channel], shape[dims[0]], shape[dims[1]]), order
 
 
 def _spatial_input(ctx: RewriteContext, node: torch.fx.Node) -> torch.fx.Node:
@@ -234,7 +242,10 @@ def global_pool_boundary(ctx, node, name):
         if reduced is None or set(reduced) != set(dims):
             raise refuse(node, f"it reduces dims {reduced} of a map whose spatial dims are {dims}")
         keep = keepdim(node)
-    value, (c, h, w), _ = _nchw_value(ctx, src)
+    value, (c, h, w), order = _nchw_value(ctx, src)
+    if keep and order not in ("chw", "hwc"):
+        raise refuse(node, f"a pool keeping the dims of a map laid out {order.upper()} (channels between the "
+                           "spatial axes)")
     is_max = "max" in name
     pool = (nn.MaxPool2d if is_max else nn.AvgPool2d)((h, w), stride=1)
     new = ctx.call_module(node, pool, value)
@@ -244,7 +255,7 @@ def global_pool_boundary(ctx, node, name):
     ctx.record(node, f"global {kind} pool over {h}×{w}", f"{type(pool).__name__}({h}×{w}, stride 1)")
     if not keep:
         return new, Positionwise("vector")
-    if dims == (1, 2):
+    if order == "hwc":
         return ctx.call_method("permute", new, (0, 2, 3, 1)), Positionwise("nhwc")
     return new, Positionwise("nchw")
 
@@ -381,6 +392,15 @@ def softmax(ctx, node, name):
     dim = _feature_dim(layout, node_arg(node, 1, "dim"), rank, node)
     fn = F.softmax if name == "softmax" else F.log_softmax
     return ctx.graph.call_function(fn, (ctx.env[src],), {"dim": dim}), layout
+
+
+@head_rule("normalize")
+def normalize(ctx, node, name):
+    """``F.normalize`` over the feature dim (an L2-normalised embedding): per vector, so per cell."""
+    src, layout = _single_head_input(ctx, node)
+    dim = _feature_dim(layout, node_arg(node, 2, "dim", 1), len(shape_of(src)), node)
+    kwargs = {"p": node_arg(node, 1, "p", 2.0), "dim": dim, "eps": node_arg(node, 3, "eps", 1e-12)}
+    return ctx.graph.call_function(F.normalize, (ctx.env[src],), kwargs), layout
 
 
 @head_rule("cat")

@@ -241,6 +241,7 @@ class SummaryRow:
         seconds: time spent on the image; megapixels: its pixels at the resolution computed at.
         runtime: torch or onnxruntime; scores_format: npz or zarr.
         preprocessing: the mean and std the images were normalised with.
+        output, output_names: the model output the map is (``--output``) and all the model's outputs.
     """
 
     path: str
@@ -265,6 +266,8 @@ class SummaryRow:
     runtime: str | None = None
     scores_format: str | None = None
     preprocessing: dict = field(default_factory=dict)
+    output: str | None = None
+    output_names: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -425,6 +428,9 @@ class ImageJob:
         self.options = options
         self.model = model if isinstance(model, ModelInfo) else ModelInfo.of(model)
         self.classes = resolve_classes(options.classes, self.model.labels)
+        # The model output the maps are made of (``--output``; fcnify's converted networks name theirs).
+        self.output_names = tuple(str(n) for n in getattr(fcn, "output_names", ()) or ())
+        self.output = str(fcn.selected) if getattr(fcn, "selected", None) is not None else None
         fcn, geometry = with_output_stride(fcn, geometry, options.output_stride)
         self.fcn, self.geometry, self.metadata = fcn, geometry, metadata
         self.bounds = plan.bounds_of(geometry)
@@ -648,7 +654,7 @@ class ImageRun:
         view = self.view
         self.info = dict(level=view.level, downsample=float(view.downsample[0]),
                          mpp=float(view.mpp[0]) if view.mpp else None, scores_format=self.format,
-                         preprocessing=model.preprocessing)
+                         preprocessing=model.preprocessing, output=job.output, output_names=job.output_names)
         if self.resume:
             return _completed(self.path, self.outdir, self.targets, model, self.format, options.top_k)
         return None
@@ -852,6 +858,7 @@ def _attrs_extra(job: ImageJob, tiles, mask, model: ModelInfo) -> dict:
     g = job.geometry
     return {"receptive_field": list(g.receptive_field), "exact": bool(g.exact), "map_size": list(tiles.map_size),
             "preprocessing": model.preprocessing, "model": model.source,
+            "output": job.output, "output_names": list(job.output_names),
             "foreground": None if mask is None else {"kind": mask.kind, "background": list(mask.background),
                                                      "fraction": round(mask.fraction, 6)}}
 
@@ -976,7 +983,8 @@ def _completed(path, outdir: Path, targets: dict[str, Path], model: ModelInfo, f
     if not all(Path(o).exists() for o in outputs):
         return None
     top = tuple(ClassPeak(**p) for p in (peaks or [])[:top_k])
-    facts = {key: row.get(key) for key in ("padded", "level", "downsample", "mpp", "preprocessing")}
+    facts = {key: row.get(key) for key in ("padded", "level", "downsample", "mpp", "preprocessing", "output")}
     facts["preprocessing"] = facts["preprocessing"] or {}
+    facts["output_names"] = tuple(row.get("output_names") or ())
     return SummaryRow(path=str(path), status="ok", image_size=image_size, map_size=map_size, top=top,
                       outputs=outputs, skipped=True, scores_format=fmt, **facts)

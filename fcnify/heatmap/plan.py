@@ -92,19 +92,31 @@ def bounds_of(geometry) -> NetworkBounds:
         why = "it pads by an amount computed from the input size ('same' padding)"
     elif geometry.global_context:
         why = "it pools over the whole image inside its body (squeeze-excitation)"
-    elif geometry.notes:
-        why = f"its geometry is approximate ({geometry.notes[0]})"
+    elif _tiling_notes(geometry.notes):
+        why = f"its geometry is approximate ({_tiling_notes(geometry.notes)[0]})"
     return NetworkBounds(stride, lo, hi, offset, tuple(int(w) for w in geometry.window), not why, why)
 
 
-def map_size(fcn: nn.Module, geometry, in_chans: int, size: tuple[int, int]) -> tuple[int, int]:
-    """The score map's (h, w) for an input of ``size``, without computing it.
+def _tiling_notes(notes) -> list[str]:
+    """The notes that make tiles inexact: a ceil-mode pool's partial window only separates a dense cell from its
+    crop; tiles keep the one-pass grid (they end where the image ends, see ``_plan_axis``)."""
+    return [n for n in notes if not n.startswith("ceil-mode pool")]
 
-    PyTorch networks are run on fake tensors (shapes only, no memory, no arithmetic), which counts partial
-    cells of padded networks exactly as one pass does; other networks (onnxruntime) use the geometry.
+
+def map_size(fcn: nn.Module, geometry, in_chans: int, size: tuple[int, int]) -> tuple[int, int]:
+    """The score map's (h, w) for an input of ``size``: the cells a one-pass forward gives, without computing it.
+
+    One rule for every runtime and file format: the geometry's size steps (``Geometry.map_size``), which
+    count the partial cells at the border of padded networks as one pass does. A geometry without them (a
+    file written before fcnify recorded them) is counted by running a PyTorch network on fake tensors
+    (shapes only), or, for onnxruntime, by the cells whose window lies in the image.
     """
+    if getattr(geometry, "size_steps", None) is not None:
+        return tuple(int(v) for v in geometry.map_size(*size))
     if not isinstance(fcn, nn.Module) or getattr(fcn, "runs_outside_torch", False):
-        return tuple(geometry.map_size(*size))
+        _logger.warning("the model's geometry has no size steps (a file from an older fcnify): the map keeps only "
+                        "the cells whose window lies in the image; convert the model again for every cell")
+        return tuple(geometry.valid_map_size(*size))
     dtype = placement(fcn)[1]
     try:
         with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
@@ -112,7 +124,7 @@ def map_size(fcn: nn.Module, geometry, in_chans: int, size: tuple[int, int]) -> 
         return int(out.shape[-2]), int(out.shape[-1])
     except Exception as exc:  # an op fake tensors do not support: the geometry gives the same for most nets
         _logger.info("map size from the geometry (fake run failed: %s)", type(exc).__name__)
-        return tuple(geometry.map_size(*size))
+        return tuple(geometry.valid_map_size(*size))
 
 
 # ------------------------------------------------------------------------------------------------- tiles

@@ -208,6 +208,9 @@ class _Worker:
                 path.write_bytes(data)
                 loaded = load_model(str(path), trust_model=trust_model)
             fcn, geometry = loaded.module, loaded.geometry or geometry
+            if model.get("output") is not None and hasattr(fcn, "select"):  # the driver's --output, not the file's
+                fcn = fcn.select(model["output"])
+                geometry = fcn.geometry
         else:
             fcn = data
         # With the metadata, --runtime auto may run the tiles on onnxruntime here as the local engine would
@@ -373,7 +376,7 @@ def run_ray(paths, stems, fcn, geometry, loaded, info: ModelInfo, options, ray_o
             cleanup.callback(shared.close)
             for i in [i for i, left in shared.left.items() if not left]:  # all background, or all resumed
                 rows[i] = shared.finish(i)
-        model = _ship_model(ray, fcn, loaded, model_file, Path(tmp))
+        model = {**_ship_model(ray, fcn, loaded, model_file, Path(tmp)), "output": getattr(fcn, "selected", None)}
         shards = {"ref": ray.put(shared.shards())} if shared is not None and shared.runs else {}
         # Ray Data gathers rows into batches of batch_size before handing them out: with few rows, one batch
         # would take them all and leave the other actors idle (measured: 8 slides on 2 workers ran on one). So a

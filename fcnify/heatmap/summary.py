@@ -77,7 +77,7 @@ def summary_schema():
         ("tiles_resumed", pa.int64()), ("background_fraction", pa.float64()), ("seconds", pa.float64()),
         ("megapixels", pa.float64()), ("runtime", pa.string()), ("scores_format", pa.string()),
         ("mean", pa.list_(pa.float64())), ("std", pa.list_(pa.float64())),
-        ("preprocessing_source", pa.string()),
+        ("preprocessing_source", pa.string()), ("output", pa.string()), ("output_names", pa.list_(pa.string())),
     ])
 
 
@@ -112,6 +112,7 @@ def rows_to_table(rows: Sequence[SummaryRow], indices: Sequence[int], stems: Seq
             "mean": list(row.preprocessing.get("mean") or []) or None,
             "std": list(row.preprocessing.get("std") or []) or None,
             "preprocessing_source": row.preprocessing.get("source"),
+            "output": row.output, "output_names": list(row.output_names) or None,
         }
         for name, value in values.items():
             columns[name].append(value)
@@ -130,7 +131,8 @@ def table_to_rows(table, outdir) -> tuple[list[int], list[SummaryRow]]:
         rows.append(SummaryRow(path=r["path"], status=r["status"], error=r["error"], image_size=size,
                                map_size=cells, padded=bool(r["padded"]), top=top,
                                outputs=tuple(str(Path(outdir) / p) for p in r["outputs"] or []),
-                               skipped=bool(r["skipped"]), **counts,
+                               skipped=bool(r["skipped"]), **counts, output=r.get("output"),
+                               output_names=tuple(r.get("output_names") or ()),
                                preprocessing={"mean": r["mean"], "std": r["std"], "source": r["preprocessing_source"]}))
     return [r["index"] for r in records], rows
 
