@@ -178,6 +178,18 @@ def test_without_a_terminal_each_image_gets_a_progress_line(tmp_path):
         assert f"[{i}/3] {path.name}" in result.stderr, result.stderr
 
 
+def test_without_a_terminal_an_image_of_many_tiles_gets_lines_as_it_goes(tmp_path):
+    image = _photos(tmp_path / "in", 1, (200, 260))[0]
+    result = invoke("heatmap", image, "-o", tmp_path / "out", "--formats", "scores", "--tile", "48",
+                    "--foreground", "all", "--json")
+    assert result.exit_code == 0, result.output
+    tiles = json.loads(result.stdout)["rows"][0]["tiles"]
+    assert tiles >= 50
+    lines = [line for line in result.stderr.splitlines() if "tiles)" in line and line.startswith("[1/1] p000.png")]
+    assert 10 <= len(lines) <= 11, result.stderr
+    assert lines[-1].endswith(f"({tiles}/{tiles} tiles)") or f"/{tiles} tiles)" in lines[-1]
+
+
 def test_many_images_get_a_summary_not_a_table_and_json_stays_parseable(tmp_path):
     paths = _photos(tmp_path / "in", 22, (24, 28))
     out = tmp_path / "out"

@@ -41,7 +41,7 @@ from fcnify.heatmap import compute, plan, sinks, viewers
 from fcnify.heatmap.legend import add_legend, colour_range
 from fcnify.heatmap.memory import DEFAULT_TILE_BUDGET, bytes_per_pixel, parse_memory, parse_tile, tile_side
 from fcnify.heatmap.multiscale import multiscale_map, parse_scales
-from fcnify.heatmap.previews import classes_figure, colour_lut, preview_shape, render_previews
+from fcnify.heatmap.previews import classes_figure, colour_lut, panel_side, preview_shape, render_previews
 from fcnify.heatmap.render import colormap
 from fcnify.heatmap.sources import open_source, open_view, read_thumbnail
 from fcnify.images import PreparedImage
@@ -932,7 +932,7 @@ def _write_previews(staged, view, scores, geometry, targets, draw, top, peaks, r
     if options.normalize and any(ranges[k].mode != "per-map" for k in draw):
         _logger.info("--normalize: a drawn class has no computed cell; its legend keeps 0–1")
     previews = render_previews(scores, level0, picture, size0, draw, top, options.cmap, options.alpha,
-                               options.preview_size, ranges=ranges)
+                               options.preview_size, panel_side(size0, options.dpi), ranges=ranges)
     heat_targets = [t for key, t in targets.items() if key.startswith("heatmap")]
     lut = colour_lut(options.cmap)
     for k, target in zip(draw, heat_targets, strict=True):

@@ -21,7 +21,7 @@ from PIL import Image
 from fcnify.heatmap.legend import ColourRange
 from fcnify.heatmap.render import colormap, label_colours
 
-__all__ = ["Previews", "classes_figure", "colour_lut", "preview_shape", "render_previews"]
+__all__ = ["Previews", "classes_figure", "colour_lut", "panel_side", "preview_shape", "render_previews"]
 
 #: Bytes of map rows held at once while rendering.
 _BAND_BYTES = 64 * 2**20
@@ -204,6 +204,14 @@ def _blend(base: np.ndarray, layer: np.ndarray, alpha: float) -> np.ndarray:
     weight = (layer[..., 3:4].astype(np.float32) / 255) * alpha
     blended = base.astype(np.float32) * (1 - weight) + layer[..., :3].astype(np.float32) * weight
     return np.clip(np.round(blended), 0, 255).astype(np.uint8)
+
+
+def panel_side(image_size: tuple[int, int], dpi: int) -> int:
+    """The longest side in pixels of the class panels' pictures for an image of ``image_size``: the size their
+    boxes in ``classes_figure`` have at ``dpi`` (not more: matplotlib would resample every picture down again,
+    the largest part of drawing the figure)."""
+    box_w, box_h = _box_size(*image_size)
+    return max(16, math.ceil(max(box_w, box_h) * dpi))
 
 
 def classes_figure(previews: Previews, labels: Sequence[str], classes: Sequence[int],
