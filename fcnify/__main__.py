@@ -1,3 +1,3 @@
-from fcnify.cli import app
+from fcnify.cli import main
 
-app(prog_name="fcnify")
+main()

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import wraps
@@ -32,25 +33,66 @@ from fcnify.heatmap.multiscale import parse_scales
 from fcnify.heatmap.pipeline import HeatmapOptions
 from fcnify.heatmap.ray_engine import RayOptions, require_ray
 from fcnify.heatmap.runners import ENGINES, run_job
+from fcnify.heatmap.sinks import output_kind
 from fcnify.images import fit_to_window, prepare, read_image
-from fcnify.inputs import expand_inputs, read_manifest
+from fcnify.inputs import ExpandedInputs, expand_inputs, read_manifest
 from fcnify.models import apply_preprocessing, load_model, require_input_size
 from fcnify.onnx_export import export_onnx
 from fcnify.verify import verify as run_verify
 from fcnify.verify import verify_converted
 
+
+def _flags_without_type(params: list) -> list:
+    """Show a flag (``--resume``) as a flag: Typer labels every bool option ``<bool>``, as if it took a value."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class _Command(typer.core.TyperCommand):
+    def get_params(self, ctx):
+        return _flags_without_type(super().get_params(ctx))
+
+
+class _Group(typer.core.TyperGroup):
+    def get_params(self, ctx):
+        return _flags_without_type(super().get_params(ctx))
+
+
 app = typer.Typer(
-    name="fcnify", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    name="fcnify", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, cls=_Group,
     help="Rewrite image classifiers into fully-convolutional networks and see where they find each class.",
 )
 console = Console()
 err_console = Console(stderr=True)
 
 
+class _OwnLines(logging.Filter):
+    """Lets fcnify's own log lines through, and other libraries' (tifffile, PIL, …) only under --verbose:
+    a library's ERROR about a file fcnify reads anyway, or reports in one line of its own, is noise."""
+
+    verbose = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.verbose or record.name == "fcnify" or record.name.startswith("fcnify.")
+
+
+_OWN_LINES = _OwnLines()
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"fcnify {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _logging(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also log fcnify's decisions and Ray's INFO lines.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Log errors only (no warnings).")] = False,
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version,
+                                          help="Print fcnify's version and exit.")] = False,
 ):
     # Global options (before the command): how much fcnify logs, and Ray with it. Without either, the level is
     # the root logger's (WARNING from main()), so nothing sticks to the logger of a process that runs the app twice.
@@ -58,6 +100,7 @@ def _logging(
     if verbose and not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("fcnify").setLevel(level)
+    _OWN_LINES.verbose = verbose
 
 
 def _fail(exc: FcnifyError) -> typer.Exit:
@@ -205,11 +248,16 @@ def _report_tables(report) -> list[Table]:
     return tables
 
 
-@app.command()
+#: What ``convert -o`` writes, by the name's suffix.
+_CONVERT_SUFFIXES = (".pt2", ".onnx")
+
+
+@app.command(cls=_Command)
 @_reports_errors
 def convert(
     model: ModelArg = None,
-    out: Annotated[Path | None, typer.Option("-o", "--out", help="Output .pt2 (default <name>.fcn.pt2).")] = None,
+    out: Annotated[Path | None, typer.Option(
+        "-o", "--out", help="Output .pt2 (torch.export) or .onnx, by its suffix (default <name>.fcn.pt2).")] = None,
     onnx: Annotated[Path | None, typer.Option("--onnx", help="Also write an ONNX model with dynamic H×W.")] = None,
     input_size: SizeOpt = None,
     weights: WeightsOpt = "default",
@@ -225,9 +273,13 @@ def convert(
 ):
     """Rewrite MODEL into a fully-convolutional network, verify it, and save it as a standalone .pt2."""
 
-    if output is not None and output.lower().endswith((".pt2", ".onnx")):
+    if output is not None and output.lower().endswith(_CONVERT_SUFFIXES):
         raise InputError(f"--output {output}: --output picks one of the model's outputs (an index or a name)",
                          hint=f"write the file with -o {output}")
+    if out is not None and out.suffix.lower() not in _CONVERT_SUFFIXES:
+        raise InputError(f"-o {out}: fcnify writes {' or '.join(_CONVERT_SUFFIXES)} files, not "
+                         f"{out.suffix or 'a name without a suffix'}",
+                         hint="end the name with .pt2 (torch.export) or .onnx (ONNX with dynamic H×W)")
     loaded = _load(model, weights, arch, input_size, trust_model,
                    _Preprocessing(mean, std, labels, in_chans, output))
     if loaded.converted:
@@ -249,18 +301,26 @@ def convert(
             f"at {fcn.input_size[0]}x{fcn.input_size[1]}; nothing was written",
             hint="please report this model: fcnify refuses to save a network that is not equivalent")
     metadata = ModelMetadata.of(loaded, fcn)
-    save_pt2(fcn, metadata, out, force=force)
-    result = {"output": str(out), "source": loaded.source, "input_size": list(fcn.input_size),
-              "preprocessing": loaded.preprocessing,
+    as_onnx = out.suffix.lower() == ".onnx"  # -o writes the format its suffix names
+    if as_onnx:
+        onnx = None if onnx == out else onnx
+        output_report = export_onnx(fcn, metadata, out, force=force)
+    else:
+        save_pt2(fcn, metadata, out, force=force)
+    result = {"output": str(out), "format": "onnx" if as_onnx else "pt2", "source": loaded.source,
+              "input_size": list(fcn.input_size), "preprocessing": loaded.preprocessing,
               "geometry": fcn.geometry.to_dict(), "verification": report.to_dict(),
               "outputs": [o.to_dict() for o in fcn.outputs_summary()], "selected_output": fcn.selected,
               "rewrites": [vars(r) for r in fcn.rewrites]}
     if layout:
         result["input_layout"] = {"original": layout, "converted": "NCHW"}
+    onnx_files = [(out, output_report)] if as_onnx else []
     if onnx is not None:
 
-        onnx_report = export_onnx(fcn, metadata, onnx, force=force)
-        result["onnx"] = {"output": str(onnx), **onnx_report.to_dict()}
+        onnx_files.append((onnx, export_onnx(fcn, metadata, onnx, force=force)))
+    if onnx_files:
+        path, onnx_report = onnx_files[-1]
+        result["onnx"] = {"output": str(path), **onnx_report.to_dict()}
     if as_json:
         print(json.dumps(result, indent=2, default=str))
         return
@@ -273,12 +333,13 @@ def convert(
     console.print(_geometry_table(fcn.geometry))
     for t in _report_tables(report):
         console.print(t)
-    if onnx is not None:
-        checked = ", ".join("x".join(map(str, c["input_size"])) for c in result["onnx"]["checks"])
-        console.print(f"[green]wrote[/] {onnx} (opset {result['onnx']['opset']}, onnx.checker full check, "
+    for path, onnx_report in onnx_files:
+        checked = ", ".join("x".join(map(str, c.input_size)) for c in onnx_report.checks)
+        console.print(f"[green]wrote[/] {path} (opset {onnx_report.opset}, onnx.checker full check, "
                       f"onnxruntime agrees with PyTorch at {checked})")
-    console.print(f"[green]wrote[/] {out}  (torch.export.load('{out}').module() runs any H×W ≥ "
-                  f"{fcn.input_size[0]}×{fcn.input_size[1]})")
+    if not as_onnx:
+        console.print(f"[green]wrote[/] {out}  (torch.export.load('{out}').module() runs any H×W ≥ "
+                      f"{fcn.input_size[0]}×{fcn.input_size[1]})")
     if layout:
         console.print(_layout_line(loaded.source, layout), highlight=False)
 
@@ -297,7 +358,7 @@ def _training_size_images(paths: list[Path], loaded, size) -> list:
             for p in paths]
 
 
-@app.command()
+@app.command(cls=_Command)
 @_reports_errors
 def verify(
     model: ModelArg = None,
@@ -378,25 +439,92 @@ def _heatmap_table(rows) -> Table:
     return table
 
 
-class _TileBar:
-    """A Rich progress bar per image over its tiles: computed and background tiles, ETA."""
+class _JobProgress:
+    """Progress of a job's images, called after each tile (``TileProgress``) and each image (``SummaryRow``).
 
-    def __init__(self, progress):
-        self.progress = progress
-        self.tasks: dict[str, int] = {}
+    In a terminal: one overall bar (images done of all, ETA) and below it the current image's tiles.
+    Otherwise (a log, a pipe, a batch system): a line per image, and for an image of many tiles one every
+    tenth of them, so that a long job is never silent.
+    """
 
-    def __call__(self, state) -> None:
-        task = self.tasks.get(state.path)
-        text = f"{Path(state.path).name}: {state.computed}/{state.todo} computed, {state.background} background"
+    def __init__(self, total: int, progress: Progress | None, quiet: bool = False):
+        self.total, self.progress, self.quiet = total, progress, quiet
+        self.done = self.failed = 0
+        self.reported: set[int] = set()  # the failed rows already printed
+        self.started = time.perf_counter()
+        self.current: str | None = None
+        self.tile_task = None
+        self.next_line = 0
+        if progress is not None:
+            self.overall = progress.add_task("images", total=total)
+
+    def tiles(self, state) -> None:
+        text = f"{Path(state.path).name}: {state.computed}/{state.todo} tiles computed, {state.background} background"
         if state.resumed:
             text += f", {state.resumed} done earlier"
-        if task is None:
-            self.tasks[state.path] = self.progress.add_task(text, total=max(1, state.todo))
+        if self.progress is not None:
+            if self.tile_task is None:
+                self.tile_task = self.progress.add_task(text, total=max(1, state.todo))
+            if state.path != self.current:
+                self.current = state.path
+                self.progress.reset(self.tile_task, total=max(1, state.todo), description=text)
+            self.progress.update(self.tile_task, completed=state.computed, description=text)
             return
-        self.progress.update(task, completed=state.computed, description=text)
+        if state.path != self.current:
+            self.current, self.next_line = state.path, 0
+        step = max(1, state.total // 10)
+        if state.total >= _TILES_PER_LINE and state.finished >= self.next_line and not self.quiet:
+            self.next_line = state.finished + step
+            err_console.print(f"[{self.done + 1}/{self.total}] {text} ({state.finished}/{state.total} tiles)",
+                              highlight=False, soft_wrap=True)
+
+    def image(self, row) -> None:
+        self.done += 1
+        self.failed += row.status != "ok"
+        if self.progress is not None:
+            failed = f", {self.failed} failed" if self.failed else ""
+            self.progress.update(self.overall, completed=self.done, description=f"images{failed}")
+            return
+        if self.quiet:
+            return
+        elapsed = time.perf_counter() - self.started
+        left = elapsed / self.done * (self.total - self.done)
+        eta = f", about {left:.0f} s left" if self.done < self.total else ""
+        if row.status != "ok":  # the image's one line: its error, not repeated at the end (``reported``)
+            self.reported.add(id(row))
+            err_console.print(f"[{self.done}/{self.total}] [bold red]error:[/] {escape(_failure(row))}{eta}",
+                              highlight=False, soft_wrap=True)
+            return
+        state = "done earlier" if row.skipped else "ok"
+        err_console.print(f"[{self.done}/{self.total}] {Path(row.path).name}: {state} ({row.seconds:.1f} s){eta}",
+                          highlight=False, soft_wrap=True)
 
 
-@app.command()
+#: Without a terminal, an image of at least this many tiles gets a progress line every tenth of them.
+_TILES_PER_LINE = 50
+#: A job of more images than this gets a summary and summary.parquet instead of a table.
+_TABLE_MAX_ROWS = 20
+#: What users type after a flag, as if it took a value (``--resume true``).
+_FLAG_VALUES = frozenset({"true", "false", "yes", "no", "on", "off"})
+
+
+def _failure(row) -> str:
+    """A failed image's error, naming the file (most errors name it already)."""
+    return (row.error or "") if row.path in (row.error or "") else f"{row.path}: {row.error}"
+
+
+def _written(rows, outdir: Path, summary) -> str:
+    """The files a job wrote, by kind: ``2 .heatmap.png, 2 .scores.npz, summary.parquet``."""
+    kinds: dict[str, int] = {}
+    for row in rows:
+        for output in row.outputs if row.status == "ok" else ():
+            kind = output_kind(Path(output).name) or Path(output).suffix
+            kinds[kind] = kinds.get(kind, 0) + 1
+    names = [f"{count} {kind}" for kind, count in kinds.items()] + ([Path(summary).name] if summary else [])
+    return f"outputs in {outdir}/: {', '.join(names)}" if names else "nothing was written"
+
+
+@app.command(cls=_Command)
 @_reports_errors
 def heatmap(
     images: Annotated[list[str] | None, typer.Argument(
@@ -472,9 +600,17 @@ def heatmap(
     """Compute dense class score maps and heatmaps for images and slides, tile by tile in bounded memory."""
 
     items = list(images or [])
-    paths = expand_inputs(items) if items else []
+    for item in items:
+        if item.lower() in _FLAG_VALUES and not Path(item).exists():
+            raise InputError(f"{item!r} is not an image: flags such as --resume or --normalize take no value",
+                             hint=f"write the flag alone to switch it on (drop {item!r})")
+    expanded = expand_inputs(items, outdir) if items else ExpandedInputs([])
+    paths = expanded.paths
     if manifest is not None:
         paths += read_manifest(manifest)
+    if expanded.skipped:
+        err_console.print(f"[yellow]note:[/] skipped {expanded.skipped} files that are fcnify's own outputs "
+                          "(<stem>.heatmap.png, …, or in an output folder)", highlight=False, soft_wrap=True)
     if not paths:
         raise InputError("no images given", hint="name image files or folders, or pass --manifest FILE")
     options = HeatmapOptions(outdir=outdir, classes=tuple(classes or ()), top_k=top_k, cmap=cmap, alpha=alpha,
@@ -501,6 +637,11 @@ def heatmap(
         _note_outputs(loaded.module, output)  # once per job, not per image
         fcn = loaded.module
         geometry = fcn.geometry if hasattr(fcn, "selected") else loaded.geometry
+        # What an in-memory ONNX export records: --runtime onnxruntime runs a .pt2 as it runs a model spec.
+        metadata = (ModelMetadata.of(loaded, fcn) if hasattr(fcn, "input_size") else
+                    ModelMetadata(tuple(loaded.input_size), loaded.in_chans, tuple(loaded.mean), tuple(loaded.std),
+                                  tuple(loaded.labels), geometry, loaded.source,
+                                  normalisation=loaded.normalisation or ""))
     else:
         fcn = _convert(loaded)
         geometry = fcn.geometry
@@ -510,16 +651,22 @@ def heatmap(
     model_file = model if loaded.converted and model.endswith((".pt2", ".onnx")) and Path(model).is_file() else None
     job = {"engine": engine, "ray_options": ray_options, "resume": resume, "model_file": model_file,
            "trust_model": trust_model, "metadata": metadata}
-    if as_json or engine == "ray":  # Ray Data shows its own progress bars
+    quiet = logging.getLogger("fcnify").getEffectiveLevel() >= logging.ERROR
+    lines = None
+    if engine == "ray":  # Ray Data shows its own progress bars
         # Ray prints its workers' and raylet's messages (a restarted worker, say) to stdout: they go to stderr,
         # so that stdout holds only the report (--json output stays parseable).
         with contextlib.redirect_stdout(sys.stderr):
             result = run_job(paths, fcn, geometry, loaded, options, **job)
+    elif as_json or not err_console.is_terminal or not console.is_terminal:
+        lines = _JobProgress(len(paths), None, quiet)
+        result = run_job(paths, fcn, geometry, loaded, options, progress=lines.tiles, finished=lines.image, **job)
     else:
 
         with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeRemainingColumn(), console=err_console, transient=True) as progress:
-            result = run_job(paths, fcn, geometry, loaded, options, progress=_TileBar(progress), **job)
+            bars = _JobProgress(len(paths), progress, quiet)
+            result = run_job(paths, fcn, geometry, loaded, options, progress=bars.tiles, finished=bars.image, **job)
     rows, failed = result.rows, result.failed
     megapixels = sum(row.megapixels for row in rows if row.status == "ok" and not row.skipped)
     tiles = sum(row.tiles for row in rows if not row.skipped)
@@ -534,18 +681,21 @@ def heatmap(
         print(json.dumps({"outdir": str(outdir), "rows": [row.to_dict() for row in rows], **counts,
                           "cluster": result.cluster}, indent=2, default=str))
     else:
-        console.print(_heatmap_table(rows))
+        ok_rows = [row for row in rows if row.status == "ok"]
+        if ok_rows and len(rows) <= _TABLE_MAX_ROWS:
+            console.print(_heatmap_table(ok_rows))  # failures follow, one line each
         bg = f", {counts['background_fraction']:.0%} of tiles skipped as background" if tiles else ""
-        console.print(f"{counts['ok']} ok ({result.skipped} skipped as complete), {len(failed)} failed; "
+        console.print(f"{counts['ok']} ok, {len(failed)} failed ({result.skipped} skipped as complete); "
                       f"{result.processed} images, {megapixels:.1f} Mpx in {result.seconds:.1f} s = "
-                      f"{counts['megapixels_per_second'] or 0:.2f} Mpx/s{bg} ({engine} engine)")
-        written = {"png": "<stem>.heatmap.png, <stem>.classes.png", "ome-tiff": "<stem>.heatmap.ome.tif",
-                   "geojson": "<stem>.geojson", "scores": "<stem>.scores.npz or .scores.zarr"}
-        names = ", ".join(written[kind] for kind in written if kind in options.formats)
-        console.print(f"outputs in {outdir}/: {names}, <stem>.mask.png (with a background), summary.parquet")
+                      f"{counts['megapixels_per_second'] or 0:.2f} Mpx/s{bg} ({engine} engine)",
+                      highlight=False)
+        console.print(_written(rows, outdir, result.summary), highlight=False, soft_wrap=True)
+        if len(rows) > _TABLE_MAX_ROWS and result.summary:
+            console.print(f"one row per image (size, map, top classes, tiles): {result.summary}", highlight=False,
+                          soft_wrap=True)
     for row in failed:
-        where = "" if row.path in (row.error or "") else f"{row.path}: "  # most errors name the file already
-        err_console.print(f"[bold red]error:[/] {where}{row.error}", highlight=False, soft_wrap=True)
+        if lines is None or id(row) not in lines.reported:
+            err_console.print(f"[bold red]error:[/] {escape(_failure(row))}", highlight=False, soft_wrap=True)
     if failed:
         err_console.print(f"[bold red]{len(failed)} of {len(rows)} images failed[/]")
         raise typer.Exit(1)
@@ -554,6 +704,8 @@ def heatmap(
 def main() -> None:
     """The ``fcnify`` console script: warnings of fcnify and its libraries on stderr, then the app."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_OWN_LINES)
     app(prog_name="fcnify")
 
 

@@ -342,7 +342,26 @@ def _read_state_dict(path: Path) -> tuple[dict, dict]:
     return {k.removeprefix("module."): v for k, v in obj.items()}, {}
 
 
+#: What a model file can be, for the message about one that is none of them.
+MODEL_FORMATS = ("a .pt2 (torch.export) or .onnx file, a state_dict in .pt/.pth/.safetensors (with --arch), "
+                 "a pickled model or TorchScript (with --trust-model), or digits, torchvision:NAME, timm:NAME")
+
+
+def _require_torch_file(path: Path) -> None:
+    """Refuse a file that is neither a zip archive (``torch.save``, TorchScript) nor a pickle (legacy
+    ``torch.save``): without this, a text file fails deep in the unpickler ("pop from empty list")."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(4)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc.strerror}", hint="check the path") from exc
+    if not (head.startswith(b"\x80") or zipfile.is_zipfile(path)):
+        raise ModelLoadError(f"{path} is not a model format fcnify reads (not a PyTorch archive or pickle)",
+                             hint=f"give {MODEL_FORMATS}")
+
+
 def _safe_torch_load(path: Path):
+    _require_torch_file(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "looks like a TorchScript archive": said below, in one line
@@ -442,6 +461,7 @@ def _apply_metadata(loaded: LoadedModel, meta: dict, path: Path) -> None:
 
 
 def _trusted_file(path: Path) -> LoadedModel:
+    _require_torch_file(path)
     if _is_torchscript(path):
         return _torchscript(path)
     with user_code_path():  # the pickle names the user's classes by module: find them as python would

@@ -215,12 +215,13 @@ def load_onnx_model(path: str | os.PathLike, device: str | None = None) -> Loade
         session = _session(path, _providers(device))
     except Exception as exc:
         raise ModelLoadError(f"{path} is not an ONNX model onnxruntime can load: {one_line_cause(exc, 200)}",
-                             hint="export it with 'fcnify convert MODEL -o model.onnx'") from exc
+                             hint="export the classifier it came from with 'fcnify convert MODEL -o model.onnx'") from exc
     props = session.get_modelmeta().custom_metadata_map
     metadata = read_metadata(props, str(path))
     if metadata is None:
         raise ModelLoadError(f"{path} is an ONNX model without fcnify metadata (no '{METADATA_KEY}' in metadata_props)",
-                             hint="fcnify needs its geometry and labels: export it with 'fcnify convert MODEL -o model.onnx'")
+                             hint="fcnify needs its geometry and labels: export the classifier it came from with "
+                                  "'fcnify convert MODEL -o model.onnx' (MODEL: a spec or PyTorch file)")
     net = OnnxNet(path, device=device, metadata=metadata, session=session)
     return LoadedModel(net, tuple(metadata.input_size), metadata.in_chans, tuple(metadata.mean), tuple(metadata.std),
                        tuple(metadata.labels), metadata.source or str(path), converted=True,

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fcnify.convert.from_export import rebuild_modules
 from fcnify.dense import _forward, _guarded, check_precision, place_model, select_device
 from fcnify.errors import InputError, InternalError
 from fcnify.heatmap.plan import ForegroundMask, NetworkBounds, Tile, TilePlan
@@ -109,7 +110,7 @@ def choose_runtime(fcn: nn.Module, metadata, runtime: str, device: torch.device,
         raise InputError(f"--runtime {runtime!r} is not one of {', '.join(RUNTIMES)}", hint="e.g. --runtime auto")
     if getattr(fcn, "runs_outside_torch", False):
         return "onnxruntime"
-    exportable = metadata is not None and hasattr(fcn, "geometry") and hasattr(fcn, "input_size")
+    exportable = metadata is not None  # a converted network, in memory or from a .pt2 (``_exportable``)
     if runtime == "auto":
         fast = device.type == "cpu" and precision == "fp32" and pixels >= AUTO_ONNX_PIXELS
         return "onnxruntime" if fast and exportable else "torch"
@@ -127,10 +128,21 @@ def onnx_twin(fcn: nn.Module, metadata) -> nn.Module:
     """
     with tempfile.TemporaryDirectory(prefix="fcnify-onnx-") as tmp:
         path = Path(tmp) / "model.onnx"
-        export_onnx(fcn.float().cpu(), metadata, path)
+        export_onnx(_exportable(fcn, metadata).float().cpu(), metadata, path)
         twin = OnnxNet(path.read_bytes(), device="cpu", metadata=metadata)
     release_freed_memory()  # the exporter's graphs and checks: hundreds of MB for a ResNet-50, now garbage
     return twin
+
+
+def _exportable(fcn: nn.Module, metadata) -> nn.Module:
+    """``fcn`` as a module the ONNX exporter takes: a network loaded from a ``.pt2`` is the program's unlifted
+    graph (no ``eval()``, no geometry), so it is rebuilt from its modules and given the file's geometry."""
+    if hasattr(fcn, "geometry") and hasattr(fcn, "input_size"):
+        return fcn
+    rebuilt = rebuild_modules(fcn)
+    rebuilt.input_size, rebuilt.in_chans = tuple(metadata.input_size), int(metadata.in_chans)
+    rebuilt.geometry = metadata.geometry
+    return rebuilt
 
 
 def release_freed_memory() -> None:

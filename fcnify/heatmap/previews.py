@@ -21,7 +21,7 @@ from PIL import Image
 from fcnify.heatmap.legend import ColourRange
 from fcnify.heatmap.render import colormap, label_colours
 
-__all__ = ["Previews", "classes_figure", "colour_lut", "preview_shape", "render_previews"]
+__all__ = ["Previews", "classes_figure", "colour_lut", "panel_side", "preview_shape", "render_previews"]
 
 #: Bytes of map rows held at once while rendering.
 _BAND_BYTES = 64 * 2**20
@@ -199,6 +199,21 @@ def _box_size(height: int, width: int) -> tuple[float, float]:
     return max(box_w, _BOX_MIN), max(box_h, _BOX_MIN)
 
 
+def _blend(base: np.ndarray, layer: np.ndarray, alpha: float) -> np.ndarray:
+    """``layer`` (h×w×4 uint8, transparent where its alpha is 0) drawn over ``base`` (h×w×3) at ``alpha``."""
+    weight = (layer[..., 3:4].astype(np.float32) / 255) * alpha
+    blended = base.astype(np.float32) * (1 - weight) + layer[..., :3].astype(np.float32) * weight
+    return np.clip(np.round(blended), 0, 255).astype(np.uint8)
+
+
+def panel_side(image_size: tuple[int, int], dpi: int) -> int:
+    """The longest side in pixels of the class panels' pictures for an image of ``image_size``: the size their
+    boxes in ``classes_figure`` have at ``dpi`` (not more: matplotlib would resample every picture down again,
+    the largest part of drawing the figure)."""
+    box_w, box_h = _box_size(*image_size)
+    return max(16, math.ceil(max(box_w, box_h) * dpi))
+
+
 def classes_figure(previews: Previews, labels: Sequence[str], classes: Sequence[int],
                    peaks: dict[int, tuple[float, tuple[float, float]]], cmap: str = "inferno", dpi: int = 100,
                    ranges: dict[int, ColourRange] | None = None):
@@ -216,6 +231,8 @@ def classes_figure(previews: Previews, labels: Sequence[str], classes: Sequence[
     """
     # lazy: matplotlib is heavy, and only the class panels draw figures
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
@@ -274,7 +291,10 @@ def classes_figure(previews: Previews, labels: Sequence[str], classes: Sequence[
         scale = ranges.get(k, ColourRange())
         # A constant map under --normalize still needs a colorbar of some extent.
         high = scale.vmax if scale.vmax > scale.vmin else scale.vmin + 1e-3
-        shown = fill(ax, previews.panels[k], cmap=cm, vmin=scale.vmin, vmax=high, alpha=0.75)
+        shown = ScalarMappable(Normalize(scale.vmin, high), cm)
+        # One picture per panel, blended here: a second image over the faded one would be resampled and
+        # composited by matplotlib for every panel, the largest part of drawing the figure.
+        fill(ax, _blend(faded, shown.to_rgba(previews.panels[k], bytes=True), 0.75))
         # A hollow ring around the hotspot: the peak stays visible under the marker. The ring is kept whole
         # inside the picture: a peak at the edge, or a window centre beyond a padded image's edge, is drawn
         # with the ring moved inwards (the peak then lies on or inside it), never cut off or lost.
@@ -290,11 +310,10 @@ def classes_figure(previews: Previews, labels: Sequence[str], classes: Sequence[
         bar.ax.yaxis.label.set_size(8)
         bar.ax.locator_params(nbins=max(2, int(box_h / 0.3)))
     label_ax = picture_axes(len(classes), "most probable class")
-    label_image = np.zeros((*previews.argmax.shape, 4))
-    label_image[known, :3] = colours[previews.argmax[known]]
-    label_image[known, 3] = 0.6
-    fill(label_ax, rgb)
-    fill(label_ax, label_image)
+    label_image = np.zeros((*previews.argmax.shape, 4), np.uint8)
+    label_image[known, :3] = np.round(np.asarray(colours)[previews.argmax[known], :3] * 255).astype(np.uint8)
+    label_image[known, 3] = 255
+    fill(label_ax, _blend(rgb, label_image, 0.6))
     handles = [Patch(color=colours[k], label=labels[k]) for k in present]
     if handles:
         label_ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False,

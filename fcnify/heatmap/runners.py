@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from fcnify.errors import InputError
 from fcnify.heatmap.local import run_paths
@@ -30,12 +31,34 @@ __all__ = ["ENGINES", "run_job"]
 ENGINES = ("local", "ray")
 
 
+def _missing_folders(outdir: Path) -> list[Path]:
+    """The folders of ``outdir`` (itself first, then its parents) that do not exist yet."""
+    missing = []
+    for folder in (outdir, *outdir.parents):
+        if folder.exists():
+            break
+        missing.append(folder)
+    return missing
+
+
+def _remove_if_empty(folders: Sequence[Path]) -> None:
+    """Remove the folders this job created, innermost first, where they are still empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (something else wrote there), or already gone
+            return
+
+
 def run_job(paths: Sequence[str], fcn, geometry, loaded, options: HeatmapOptions, engine: str = "local",
             ray_options: RayOptions | None = None, resume: bool = False,
             progress: Callable[[TileProgress], None] | None = None,
             finished: Callable[[SummaryRow], None] | None = None, model_file: str | os.PathLike | None = None,
             trust_model: bool = False, metadata=None) -> JobResult:
     """Heatmaps for every input with the chosen engine, and ``OUTDIR/summary.parquet``.
+
+    With the local engine, a job in which no input ran (every one missing or unreadable) writes no summary
+    and removes the output folder it created.
 
     Args:
         paths: inputs (local paths or URIs pyarrow reads).
@@ -61,11 +84,16 @@ def run_job(paths: Sequence[str], fcn, geometry, loaded, options: HeatmapOptions
     stems = output_stems(paths)  # once, over all inputs: every engine and worker uses the same names
     model = ModelInfo.of(loaded)
     if engine == "local":
+        created = _missing_folders(Path(options.outdir))
         job = ImageJob(fcn, geometry, model, options, metadata)
         start = time.perf_counter()
         rows = run_paths(paths, stems, job, resume, progress, finished)
         seconds = time.perf_counter() - start
-        summary = write_summary(rows_to_table(rows, range(len(rows)), stems, options.outdir), options.outdir)
+        summary = None
+        if any(row.status == "ok" for row in rows):
+            summary = write_summary(rows_to_table(rows, range(len(rows)), stems, options.outdir), options.outdir)
+        else:  # nothing ran (every input missing or unreadable): leave no trace of the job
+            _remove_if_empty(created)
         return JobResult(rows, "local", seconds, sum(1 for row in rows if not row.skipped), summary)
     ray_options = ray_options or RayOptions()
     ray_options.validate()

@@ -33,8 +33,8 @@ from fcnify.errors import OutputError
 from fcnify.heatmap.plan import Tile, TilePlan
 from fcnify.heatmap.viewers import ngff_attrs, write_ngff_levels
 
-__all__ = ["ArraySink", "SCORE_DTYPES", "Staged", "TileWriter", "ZarrSink", "open_scores", "partial_path", "read_store_attrs",
-           "write_npz"]
+__all__ = ["ArraySink", "SCORE_DTYPES", "Staged", "TileWriter", "ZarrSink", "is_output_name", "open_scores", "output_kind",
+           "partial_path", "read_store_attrs", "write_npz"]
 
 _logger = logging.getLogger(__name__)
 
@@ -45,6 +45,26 @@ OUTPUT_KINDS = ("heatmap", "classes", "scores", "mask")
 #: Outputs whose temporaries are ``.<stem>.XXXXXXXX.tmp<suffix>`` (``atomic.temp_beside`` of ``<stem><suffix>``).
 STEM_SUFFIXES = (".geojson",)
 PARTIAL_SUFFIX = ".partial"
+
+
+def output_kind(name: str) -> str | None:
+    """The part of an output's file name after its stem (``.heatmap.png``, ``.scores.zarr``, ``.geojson``), or
+    None for a name that is not one of fcnify's outputs: ``<stem>.<kind>[.…].<ext>`` for a kind of
+    ``OUTPUT_KINDS`` (heatmaps and their OME-TIFF overlays, class panels, masks, scores) or ``<stem><suffix>``
+    for ``STEM_SUFFIXES`` (GeoJSON)."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[1:-1], 1):
+        if part in OUTPUT_KINDS:
+            return "." + ".".join(parts[i:])
+    for suffix in STEM_SUFFIXES:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return suffix
+    return None
+
+
+def is_output_name(name: str) -> bool:
+    """Whether a file name is one of fcnify's outputs (see ``output_kind``)."""
+    return output_kind(name) is not None
 
 
 # ------------------------------------------------------------------------------------------------ staging
