@@ -425,17 +425,19 @@ def _print_report(report, geometry, as_json: bool) -> None:
 
 def _heatmap_table(rows) -> Table:
     table = Table(title="Dense class maps")
-    for column in ("image", "size", "map", "tiles (bg)",
+    for column in ("image", "size", "map", "tiles (bg)", "masked cells (px saved)",
                    "top classes: peak @ y, x = window centre (corner + window/2), level-0 px"):
         table.add_column(column)
     for row in rows:
         if row.status != "ok":
-            table.add_row(row.path, "-", "-", "-", f"[red]{row.error}[/]")
+            table.add_row(row.path, "-", "-", "-", "-", f"[red]{row.error}[/]")
             continue
         top = ", ".join(f"{p.label} {p.score:.2f} @ {p.y:.0f},{p.x:.0f}" for p in row.top)
         size = f"{row.image_size[0]}×{row.image_size[1]}" + (" (padded)" if row.padded else "")
         tiles = "done earlier" if row.skipped else f"{row.tiles} ({row.tiles_background})"
-        table.add_row(row.path, size, f"{row.map_size[0]}×{row.map_size[1]}", tiles, top)
+        masked = "-" if row.foreground in (None, "all") else \
+            f"{row.cells_masked} = {row.masked_fraction or 0:.0%} ({row.pixels_saved or 0:.0%})"
+        table.add_row(row.path, size, f"{row.map_size[0]}×{row.map_size[1]}", tiles, masked, top)
     return table
 
 
@@ -547,7 +549,8 @@ def heatmap(
         "--mpp", help="Compute at this many µm per pixel (nearest finer level, resampled).")] = None,
     scale: Annotated[float, typer.Option("--scale", min=0.01, help="Resize ordinary images by this factor first.")] = 1.0,
     foreground: Annotated[str, typer.Option(
-        "--foreground", help="auto: skip a flat white/black background (NaN there); all: compute every cell.")] = "auto",
+        "--foreground", help="auto: skip a flat white/black background (NaN there); all: compute every cell; "
+                          "default: auto for slides and TIFFs, all for ordinary pictures (PNG, JPEG, …).")] = "default",
     scores: Annotated[str, typer.Option(
         "--scores", help="Score file: auto (zarr for slides and big maps, else npz), npz or zarr.")] = "auto",
     scores_dtype: Annotated[str, typer.Option("--scores-dtype", help="float32 or float16 (zarr).")] = "float32",

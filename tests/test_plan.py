@@ -371,3 +371,43 @@ def test_a_batch_of_tiles_fits_the_memory_budget_together(digits, tmp_path):
     four = int(4.5 * default.per_pixel() * 256 * 256)
     assert job(max_memory=f"{four}B", batch_size=16).tiles_per_batch((256, 256)) == 4
     assert job(max_memory="1KB").tiles_per_batch((256, 256)) == 1
+
+
+def test_partly_background_tiles_run_only_their_foreground_blocks(padded):
+    """Issue 21/4: with large background areas inside tiles, only blocks holding foreground go through the network
+    (each with its exact halo): fewer input pixels by about the background share, the same values."""
+    size = (320, 352)
+    image = rgb_image(size, seed=21)
+    pixels = np.zeros(size, dtype=bool)
+    for y, x in ((20, 30), (30, 200), (180, 40), (200, 220)):  # one tissue island per tile, glass around it
+        pixels[y:y + 60, x:x + 60] = True
+    mask = plan.ForegroundMask(pixels, (1.0, 1.0), (255, 255, 255), "white")
+    bounds = plan.bounds_of(padded.geometry)
+    cells = (19, 21)  # tiles larger than the islands: every tile holds some tissue
+    scores_all, tiles, _ = tiled(padded, image, 3, MEAN3, STD3, cells)
+    network = compute.TileNetwork.build(padded, 3, MEAN3, STD3, "cpu")
+    view = ArrayView(image)
+    everything = compute.compute_tiles(view, tiles, network, bounds, list(tiles.tiles()), None, lambda t, b: None)
+    out = np.full_like(scores_all, -1.0)
+
+    def write(tile, block):
+        out[:, tile.rows.first:tile.rows.last, tile.cols.first:tile.cols.last] = block
+
+    census = compute.foreground_census(tiles, mask, bounds)
+    todo = [t for t, c in zip(tiles.tiles(), census.computed, strict=True) if c]
+    assert len(todo) == tiles.count  # tile-level skipping alone would save nothing here
+    pushed = compute.compute_tiles(ArrayView(image), tiles, network, bounds, todo, mask, write)
+    keep = mask.cells((0, tiles.map_size[0]), (0, tiles.map_size[1]), bounds)
+    background = 1.0 - keep.mean()
+    assert everything == tiles.input_pixels() == census.pixels_all
+    assert pushed == census.pixels and census.masked_cells == int((~keep).sum())
+    # The pixels pushed drop by at least the background share, less the halos the blocks add.
+    blocks = [b for t in todo for b in compute.foreground_blocks(t, compute._tile_mask(t, mask, bounds), tiles, bounds)]
+    assert len(blocks) >= 4 and all(b.input_shape[0] < t.input_shape[0] for b, t in zip(blocks, todo))
+    stride = tiles.stride
+    halos = sum(b.input_shape[0] * b.input_shape[1] - (b.rows.last - b.rows.first) * stride[0]
+                * (b.cols.last - b.cols.first) * stride[1] for b in blocks)
+    assert background > 0.5 and pushed <= everything * (1.0 - background) + halos
+    assert census.saved_fraction == pytest.approx(1.0 - pushed / everything) and census.saved_fraction > 0.3
+    np.testing.assert_allclose(out[:, keep], scores_all[:, keep], rtol=1e-5, atol=1e-6)
+    assert np.isnan(out[:, ~keep]).all()

@@ -271,3 +271,87 @@ def test_default_flags_just_work_on_a_slide(tmp_path):
     group = zarr.open_group(str(out / "slide.scores.zarr"), mode="r")
     assert group["scores"].shape[0] == 11 and group.attrs["stride"] == [4, 4]
     assert (out / "slide.mask.png").is_file()
+
+
+def _summary(out: Path) -> list[dict]:
+    return sorted(pq.read_table(out / "summary.parquet").to_pylist(), key=lambda r: r["index"])
+
+
+def test_photos_compute_every_cell_by_default_slides_skip_their_glass(tmp_path, slide_model):
+    """Issue 21/2: a flat light sky is content in a photo: no cell is masked unless --foreground auto is asked
+    for; a white-background slide is still masked by default; the table and summary count the masked cells."""
+    rng = np.random.default_rng(5)
+    photo = np.empty((96, 128, 3), np.uint8)
+    photo[:48] = (205, 214, 228)  # a flat, pale blue-grey sky
+    ground = rng.integers(0, 256, size=(25, 33, 3), dtype=np.uint8)
+    photo[48:] = np.asarray(Image.fromarray(ground).resize((128, 48), Image.Resampling.BILINEAR))
+    Image.fromarray(photo).save(tmp_path / "holiday.png")
+    slide = write_slide(tmp_path / "glass.svs", size=(384, 384), kind="svs", background="white", tile=128,
+                        levels=1, mpp=0.5, compression="zlib", seed=4, density=0.3)
+    out = tmp_path / "out"
+    result = heatmap(tmp_path / "holiday.png", slide, "--model", slide_model, *NET, "-o", out)
+    assert result.exit_code == 0, result.output
+    with np.load(out / "holiday.scores.npz") as data:
+        assert np.isfinite(data["scores"]).all()
+    slide_scores = zarr.open_group(str(out / "glass.scores.zarr"), mode="r")["scores"][:]
+    photo_row, slide_row = _summary(out)
+    assert photo_row["foreground"] == "all" and photo_row["cells_masked"] == 0 and photo_row["pixels_saved"] == 0
+    assert slide_row["foreground"] == "auto"
+    assert slide_row["cells_masked"] == int(np.isnan(slide_scores[0]).sum()) > 0
+    assert slide_row["masked_fraction"] == pytest.approx(np.isnan(slide_scores[0]).mean())
+    assert "masked cells" in result.output and f"{slide_row['cells_masked']} =" in result.output
+
+    asked = tmp_path / "asked"
+    result = heatmap(tmp_path / "holiday.png", "--model", slide_model, *NET, "--foreground", "auto", "-o", asked)
+    assert result.exit_code == 0, result.output
+    with np.load(asked / "holiday.scores.npz") as data:
+        scores = data["scores"]
+    (row,) = _summary(asked)
+    assert row["foreground"] == "auto" and row["cells_masked"] == int(np.isnan(scores[0]).sum()) > 0
+    assert np.isfinite(scores[:, -1]).all()  # the textured ground is computed
+
+
+@pytest.fixture(scope="module")
+def sparse_slide(tmp_path_factory) -> Path:
+    """2048² at 0.25 µm/px with small scattered tissue (10%): at --mpp 16 the view is 32 px."""
+    return write_slide(tmp_path_factory.mktemp("sparse") / "sparse.svs", size=(2048, 2048), kind="svs",
+                       background="white", tile=256, levels=3, mpp=0.25, compression="zlib", seed=4, density=0.1)
+
+
+@pytest.mark.parametrize("mpp", ["8", "16", "100"])
+def test_a_coarse_mpp_still_sees_the_tissue(tmp_path, slide_model, sparse_slide, mpp):
+    """Issue 21/3: the mask comes from a thumbnail fine enough to see small tissue whatever --mpp is: cells whose
+    window holds tissue are computed, and every reported peak lies inside the image."""
+    out = tmp_path / "out"
+    result = heatmap(sparse_slide, "--model", slide_model, *NET, "--mpp", mpp, "-o", out)
+    assert result.exit_code == 0, result.output
+    scores = zarr.open_group(str(out / "sparse.scores.zarr"), mode="r")["scores"][:]
+    computed = np.isfinite(scores[0])
+    assert computed.any()
+    (row,) = _summary(out)
+    assert row["status"] == "ok" and row["top"]
+    for peak in row["top"]:
+        assert np.isfinite(peak["score"]) and 0 <= peak["y"] <= 2048 and 0 <= peak["x"] <= 2048
+    if mpp == "8":  # 32 level-0 px per view px: a cell's window is 1024 level-0 px
+        tissue = full_image((2048, 2048), "white", seed=4, density=0.1).min(axis=2) < 150
+        for i in range(scores.shape[1]):
+            for j in range(scores.shape[2]):
+                window = tissue[i * 128:i * 128 + 1024, j * 128:j * 128 + 1024]
+                if window.mean() > 0.01:
+                    assert computed[i, j], (i, j)
+
+
+def test_a_blank_slide_is_a_failed_image_with_a_reason(tmp_path, slide_model):
+    """Issue 21/3: an all-NaN map is no result: the image fails with its reason, the batch goes on, exit 1."""
+    blank = write_slide(tmp_path / "blank.svs", size=(384, 384), kind="svs", background="white", tile=128,
+                        levels=1, mpp=0.5, compression="zlib", seed=4, density=0.0)
+    good = write_slide(tmp_path / "good.svs", size=(384, 384), kind="svs", background="white", tile=128,
+                       levels=1, mpp=0.5, compression="zlib", seed=4, density=0.3)
+    out = tmp_path / "out"
+    result = heatmap(blank, good, "--model", slide_model, *NET, "-o", out)
+    assert result.exit_code == 1, result.output
+    assert "no cell was computed" in result.output and "--foreground all" in result.output
+    bad_row, good_row = _summary(out)
+    assert bad_row["status"] == "error" and "no cell was computed" in bad_row["error"] and not bad_row["top"]
+    assert good_row["status"] == "ok"
+    assert not any(p.name.startswith("blank") for p in out.iterdir())

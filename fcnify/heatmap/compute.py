@@ -26,13 +26,13 @@ from torch import nn
 from fcnify.convert.from_export import rebuild_modules
 from fcnify.dense import _forward, _guarded, check_precision, place_model, select_device
 from fcnify.errors import InputError, InternalError
-from fcnify.heatmap.plan import ForegroundMask, NetworkBounds, Tile, TilePlan
+from fcnify.heatmap.plan import ForegroundMask, NetworkBounds, Tile, TilePlan, tile_span
 from fcnify.heatmap.scoremap import check_class_count
 from fcnify.onnx_export import export_onnx
 from fcnify.onnx_runtime import OnnxNet
 
-__all__ = ["RUNTIMES", "PeakTracker", "TileNetwork", "choose_runtime", "compute_tiles", "onnx_twin", "read_tiles",
-           "to_model_input"]
+__all__ = ["RUNTIMES", "ForegroundCensus", "PeakTracker", "TileNetwork", "choose_runtime", "compute_tiles",
+           "foreground_blocks", "foreground_census", "foreground_tiles", "onnx_twin", "read_tiles", "to_model_input"]
 
 _logger = logging.getLogger(__name__)
 
@@ -295,8 +295,11 @@ def _kept(tile: Tile, logits: torch.Tensor, stride: tuple[int, int]) -> torch.Te
 def compute_tiles(view, plan: TilePlan, network: TileNetwork, bounds: NetworkBounds, tiles: list[Tile],
                   mask: ForegroundMask | None, write: Callable[[Tile, np.ndarray], None],
                   batch_size: int = 1, prefetch: int = 2, labels: int | None = None,
-                  done: Callable[[Tile], None] | None = None) -> None:
+                  done: Callable[[Tile], None] | None = None) -> int:
     """Run ``tiles`` of ``view`` through ``network`` and hand each tile's probabilities to ``write``.
+
+    A tile whose cells are partly background runs only on the blocks of it that ``foreground_blocks`` keeps
+    (each with its own halo, so its cells keep their one-pass values); its other cells are NaN.
 
     Args:
         view: the image at the resolution the network sees (``sources.LevelView``).
@@ -306,35 +309,166 @@ def compute_tiles(view, plan: TilePlan, network: TileNetwork, bounds: NetworkBou
         batch_size: tiles of the same input size run together, at most this many.
         labels: the number of class labels, checked against the network's output.
         done: called after ``write`` for each tile (progress, the resume record).
+
+    Returns:
+        The input pixels pushed through the network (halos included).
     """
-    def flush(batch: list[tuple[Tile, np.ndarray]]) -> None:
-        inputs = torch.stack([to_model_input(region, network.in_chans, network.mean, network.std,
-                                             tile.input_shape) for tile, region in batch])
+    pushed = 0
+
+    def run(pieces: list[tuple[Tile, np.ndarray]]) -> list[np.ndarray]:
+        nonlocal pushed
+        inputs = torch.stack([to_model_input(region, network.in_chans, network.mean, network.std, piece.input_shape)
+                              for piece, region in pieces])
+        pushed += int(inputs.shape[0]) * int(inputs.shape[-2]) * int(inputs.shape[-1])
         logits = network.run(inputs)
         if labels is not None:
             check_class_count(logits.shape[1], labels)
-        for k, (tile, _) in enumerate(batch):
-            scores = torch.softmax(_kept(tile, logits[k], plan.stride), dim=0).numpy()
-            if mask is not None:
-                cells = mask.cells((tile.rows.first, tile.rows.last), (tile.cols.first, tile.cols.last), bounds)
-                scores = np.where(cells[None], scores, np.float32(np.nan))
-            write(tile, np.ascontiguousarray(scores, dtype=np.float32))
-            if done is not None:
-                done(tile)
+        return [torch.softmax(_kept(piece, logits[k], plan.stride), dim=0).numpy() for k, (piece, _) in
+                enumerate(pieces)]
 
-    pending: list[tuple[Tile, np.ndarray]] = []
+    def finish(tile: Tile, scores: np.ndarray, keep: np.ndarray | None) -> None:
+        if keep is not None:
+            scores = np.where(keep[None], scores, np.float32(np.nan))
+        write(tile, np.ascontiguousarray(scores, dtype=np.float32))
+        if done is not None:
+            done(tile)
+
+    def flush(batch: list[tuple[Tile, np.ndarray, np.ndarray | None]]) -> None:
+        for (tile, _, keep), scores in zip(batch, run([(t, r) for t, r, _ in batch]), strict=True):
+            finish(tile, scores, keep)
+
+    def in_parts(tile: Tile, region: np.ndarray, keep: np.ndarray, blocks: list[Tile]) -> None:
+        scores = None
+        height, width = plan.image_size
+        for block in blocks:
+            y0, x0 = block.rows.start - tile.rows.start, block.cols.start - tile.cols.start
+            y1 = min(block.rows.stop, height) - tile.rows.start
+            x1 = min(block.cols.stop, width) - tile.cols.start
+            (part,) = run([(block, region[max(0, y0):max(0, y1), max(0, x0):max(0, x1)])])
+            if scores is None:
+                scores = np.full((part.shape[0], *keep.shape), np.nan, dtype=np.float32)
+            scores[:, block.rows.first - tile.rows.first:block.rows.last - tile.rows.first,
+                   block.cols.first - tile.cols.first:block.cols.last - tile.cols.first] = part
+        if scores is None:  # no foreground at all: nothing to run (such tiles are normally not asked for)
+            scores = np.full((labels or 1, *keep.shape), np.nan, dtype=np.float32)
+        finish(tile, scores, keep)
+
+    pending: list[tuple[Tile, np.ndarray, np.ndarray | None]] = []
     for tile, region in read_tiles(view, plan, tiles, prefetch):
+        keep = None if mask is None else _tile_mask(tile, mask, bounds)
+        if keep is not None:
+            blocks = foreground_blocks(tile, keep, plan, bounds)
+            if blocks != [tile]:
+                in_parts(tile, region, keep, blocks)
+                continue
         if pending and (len(pending) >= batch_size or pending[0][0].input_shape != tile.input_shape):
             flush(pending)
             pending = []
-        pending.append((tile, region))
+        pending.append((tile, region, keep))
     if pending:
         flush(pending)
+    return pushed
+
+
+def _tile_mask(tile: Tile, mask: ForegroundMask, bounds: NetworkBounds) -> np.ndarray:
+    return mask.cells((tile.rows.first, tile.rows.last), (tile.cols.first, tile.cols.last), bounds)
+
+
+def _pixels(tile: Tile) -> int:
+    return tile.input_shape[0] * tile.input_shape[1]
+
+
+def _runs(present: np.ndarray, gap: int) -> list[tuple[int, int]]:
+    """[start, stop) runs of True in ``present``, with runs fewer than ``gap`` False apart merged."""
+    runs: list[list[int]] = []
+    for i in np.flatnonzero(present):
+        if runs and i - runs[-1][1] < gap:
+            runs[-1][1] = int(i) + 1
+        else:
+            runs.append([int(i), int(i) + 1])
+    return [(a, b) for a, b in runs]
+
+
+def foreground_blocks(tile: Tile, keep: np.ndarray, plan: TilePlan, bounds: NetworkBounds) -> list[Tile]:
+    """The blocks of ``tile`` the network runs on: ``[tile]`` itself, or smaller blocks covering every
+    foreground cell of ``keep`` (bool, the tile's cells), whichever pushes fewer input pixels.
+
+    Candidates cut the tile into bands of 1, 2, 4, … rows of cells; in each band, the columns holding
+    foreground form runs (runs closer than a halo are merged: a gap that narrow costs less than a second
+    halo), each run trimmed to its band's foreground rows. A block is planned exactly as a tile of its cells
+    (``plan.tile_span``: stride-aligned start, the receptive field as halo), so its cells keep their one-pass
+    values. [] when no cell is foreground.
+    """
+    if keep.all():
+        return [tile]
+    if not keep.any():
+        return []
+    rows, cols = keep.shape
+    gap = max(1, -(-bounds.halo(1) // bounds.stride[1]))
+
+    def span(axis: int, first: int, last: int):
+        return tile_span(first, last, plan.map_size[axis], plan.canvas[axis], plan.stride[axis], bounds.lo[axis],
+                         bounds.hi[axis])
+
+    best, cost = [tile], _pixels(tile)
+    band = rows
+    while band >= 1:
+        blocks = []
+        for r0 in range(0, rows, band):
+            part = keep[r0:r0 + band]
+            present = part.any(axis=1)
+            if not present.any():
+                continue
+            top = r0 + int(np.argmax(present))
+            bottom = r0 + len(present) - int(np.argmax(present[::-1]))
+            for c0, c1 in _runs(part.any(axis=0), gap):
+                blocks.append(Tile(tile.row, tile.col, span(0, tile.rows.first + top, tile.rows.first + bottom),
+                                   span(1, tile.cols.first + c0, tile.cols.first + c1)))
+        total = sum(_pixels(b) for b in blocks)
+        if total < cost:
+            best, cost = blocks, total
+        band = band // 2 if band > 1 else 0
+    return best
+
+
+@dataclass(frozen=True)
+class ForegroundCensus:
+    """What a mask leaves to compute in a plan.
+
+    Attributes:
+        computed: per tile (row-major), whether any of its cells' windows holds foreground.
+        masked_cells: cells left NaN as background.
+        pixels: input pixels the network runs on (the kept blocks, halos included).
+        pixels_all: input pixels with every cell computed (``TilePlan.input_pixels``).
+    """
+
+    computed: list[bool]
+    masked_cells: int
+    pixels: int
+    pixels_all: int
+
+    @property
+    def saved_fraction(self) -> float:
+        """The share of input pixels not pushed through the network."""
+        return 1.0 - self.pixels / self.pixels_all if self.pixels_all else 0.0
+
+
+def foreground_census(plan: TilePlan, mask: ForegroundMask | None, bounds: NetworkBounds) -> ForegroundCensus:
+    """The tiles, cells and input pixels ``mask`` leaves to compute (the blocks ``compute_tiles`` runs)."""
+    everything = plan.input_pixels()
+    if mask is None:
+        return ForegroundCensus([True] * plan.count, 0, everything, everything)
+    computed, masked, pixels = [], 0, 0
+    for tile in plan.tiles():
+        keep = _tile_mask(tile, mask, bounds)
+        computed.append(bool(keep.any()))
+        masked += int(keep.size - np.count_nonzero(keep))
+        pixels += sum(_pixels(b) for b in foreground_blocks(tile, keep, plan, bounds))
+    return ForegroundCensus(computed, masked, pixels, everything)
 
 
 def foreground_tiles(plan: TilePlan, mask: ForegroundMask | None, bounds: NetworkBounds) -> list[bool]:
     """Per tile (row-major): whether any of its cells' windows holds foreground."""
     if mask is None:
         return [True] * plan.count
-    return [bool(mask.cells((t.rows.first, t.rows.last), (t.cols.first, t.cols.last), bounds).any())
-            for t in plan.tiles()]
+    return [bool(_tile_mask(t, mask, bounds).any()) for t in plan.tiles()]

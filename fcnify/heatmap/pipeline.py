@@ -91,7 +91,8 @@ class HeatmapOptions:
         combine: "mean" or "max" of the scales' probabilities.
         level: the pyramid level to read (None: level 0, or the level ``mpp`` picks).
         mpp: the resolution to compute at, in µm per pixel (the nearest finer level, resampled).
-        foreground: "auto" (skip a flat background, NaN there) or "all".
+        foreground: "auto" (skip a flat background, NaN there), "all", or "default": auto for slides and tiled
+            TIFFs, all for ordinary pictures (``plan.resolve_foreground``).
         scores: "auto", "npz" or "zarr".
         scores_dtype: "float32" or "float16" (zarr).
         preview_size: the longest side of the previews.
@@ -126,7 +127,7 @@ class HeatmapOptions:
     combine: str = "mean"
     level: int | None = None
     mpp: float | None = None
-    foreground: str = "auto"
+    foreground: str = "default"
     scores: str = "auto"
     scores_dtype: str = "float32"
     preview_size: int = 4096
@@ -157,7 +158,7 @@ class HeatmapOptions:
             (self.level is None or int(self.level) >= 0, f"--level {self.level} is negative", "level 0 is the finest"),
             (self.mpp is None or float(self.mpp) > 0, f"--mpp {self.mpp} is not a positive number", "e.g. --mpp 0.5"),
             (self.level is None or self.mpp is None, "--level and --mpp both given", "choose one of them"),
-            (self.foreground in plan.FOREGROUND_MODES, f"--foreground {self.foreground!r} is not auto or all",
+            (self.foreground in plan.FOREGROUND_MODES, f"--foreground {self.foreground!r} is not default, auto or all",
              "e.g. --foreground all"),
             (self.scores in SCORE_FORMATS, f"--scores {self.scores!r} is not one of {', '.join(SCORE_FORMATS)}",
              "e.g. --scores zarr"),
@@ -241,6 +242,10 @@ class SummaryRow:
         level, downsample, mpp: the resolution computed at (level-0 pixels per pixel; µm per pixel).
         tiles, tiles_computed, tiles_background, tiles_resumed: the tile counts.
         background_fraction: the share of tiles skipped as background.
+        foreground: the mask mode applied (``auto`` or ``all``, after ``default`` was resolved).
+        cells_masked, masked_fraction: map cells left NaN as background, and their share of the map.
+        pixels_saved: the share of input pixels (halos included) not pushed through the network because of the
+            mask, against computing every cell.
         seconds: time spent on the image; megapixels: its pixels at the resolution computed at.
         runtime: torch or onnxruntime; scores_format: npz or zarr.
         preprocessing: the mean and std the images were normalised with.
@@ -264,6 +269,10 @@ class SummaryRow:
     tiles_background: int = 0
     tiles_resumed: int = 0
     background_fraction: float | None = None
+    foreground: str | None = None
+    cells_masked: int = 0
+    masked_fraction: float | None = None
+    pixels_saved: float | None = None
     seconds: float = 0.0
     megapixels: float = 0.0
     runtime: str | None = None
@@ -554,6 +563,7 @@ class TileProgress:
     background: int = 0
     resumed: int = 0
     todo: int = 0
+    pixels: int = 0
     runtime: str | None = None
     peaks: compute.PeakTracker | None = field(default=None, repr=False)
 
@@ -672,7 +682,8 @@ class ImageRun:
         tiles still to compute; the peaks of tiles an earlier run finished are read back."""
         job, options, model = self.job, self.job.options, self.job.model
         view, tiles = self.view, self.tiles
-        self.mask = plan.estimate_foreground(view, job.window, options.foreground)
+        self.foreground = plan.resolve_foreground(options.foreground, self.source)
+        self.mask = plan.estimate_foreground(view, job.window, self.foreground)
         self.attrs = sinks.MapAttrs(model.labels, image_size=tuple(self.source.size), level=view.level,
                                     downsample=tuple(float(v) for v in view.downsample),
                                     mpp=tuple(view.mpp) if view.mpp else None, **_level0(view, job.geometry),
@@ -681,12 +692,15 @@ class ImageRun:
         if options.scales:
             self.computed = [True]
             return
-        self.computed = compute.foreground_tiles(tiles, self.mask, job.bounds)
+        self.census = compute.foreground_census(tiles, self.mask, job.bounds)
+        self.computed = self.census.computed
         state.background = sum(1 for c in self.computed if not c)
+        if not any(self.computed):
+            raise _nothing_computed(self.path, self.mask)
         if self.format == "zarr":
             run_key = {"model": job.fingerprint, "labels": list(model.labels), "level": view.level,
                        "size": list(view.size), "downsample": list(view.downsample), "cells": list(tiles.cells),
-                       "geometry": job.geometry.to_dict(), "foreground": options.foreground,
+                       "geometry": job.geometry.to_dict(), "foreground": self.foreground,
                        "mean": list(model.mean), "std": list(model.std), "dtype": options.scores_dtype}
             self.sink = sinks.ZarrSink(self.targets["scores"], tiles, self.attrs, run_key, options.scores_dtype,
                                        self.resume)
@@ -730,8 +744,8 @@ class ImageRun:
             self._record(tile)
 
         batch = job.tiles_per_batch(self.tiles.tile(0).input_shape) if self.todo else 1
-        compute.compute_tiles(self.view, self.tiles, network, job.bounds, self.todo, self.mask, write, batch,
-                              labels=len(job.model.labels), done=done)
+        state.pixels += compute.compute_tiles(self.view, self.tiles, network, job.bounds, self.todo, self.mask, write,
+                                              batch, labels=len(job.model.labels), done=done)
 
     def _todo_pixels(self) -> int:
         return sum(t.input_shape[0] * t.input_shape[1] for t in self.todo)
@@ -764,10 +778,13 @@ class ImageRun:
         view, tiles, state, scores = self.view, self.tiles, self.state, self.scores
         outdir, targets, mask = self.outdir, self.targets, self.mask
         peaks = state.peaks if state.peaks is not None else _peaks(scores, tiles)
+        if not np.isfinite(peaks.values).any():  # never report peaks, nor write maps, that hold no computed cell
+            raise _nothing_computed(self.path, mask)
         draw = list(job.classes) or peaks.top(1) or [0]
         top = peaks.top(max(1, int(options.top_k))) or [0]
         view_geometry = _ViewGeometry(*(tuple(getattr(job.geometry, n)) for n in ("stride", "offset", "window")))
-        centres = {k: _centre(peaks, k, view_geometry, view.downsample) for k in range(len(model.labels))}
+        centres = {k: _centre(peaks, k, view_geometry, view.downsample, view.size)
+                   for k in range(len(model.labels))}
         summary_top = tuple(ClassPeak(k, model.labels[k], float(peaks.values[k]) if np.isfinite(peaks.values[k])
                                       else float("nan"), *centres[k]) for k in top)
         staged = sinks.Staged(options.overwrite)
@@ -788,7 +805,7 @@ class ImageRun:
                        "peaks": [asdict(p) for p in summary_top],
                        # What a --resume row reports without redoing the image (see _completed).
                        "row": {"padded": padded, "outputs": [os.path.relpath(o, outdir) for o in outputs],
-                               **self.info}}
+                               **self.info, **self._masking()}}
             if self.format == "zarr":
                 staged.folder(self.sink.finish(sinks.status_grid(tiles, self.computed), summary,
                                                options.scores_levels), targets["scores"])
@@ -805,7 +822,19 @@ class ImageRun:
                           padded=padded, top=summary_top, outputs=tuple(map(str, written)), tiles=tiles.count,
                           tiles_computed=state.computed, tiles_background=state.background,
                           tiles_resumed=state.resumed, background_fraction=state.background / max(1, tiles.count),
-                          megapixels=view.size[0] * view.size[1] / 1e6, runtime=state.runtime, **self.info)
+                          **self._masking(), megapixels=view.size[0] * view.size[1] / 1e6, runtime=state.runtime, **self.info)
+
+    def _masking(self) -> dict:
+        """The mask's columns of the row: the mode, the cells it left NaN and the input pixels it saved."""
+        census = getattr(self, "census", None)
+        if census is None:  # --scales: one pass over the whole image, masked afterwards
+            masked = 0 if self.mask is None else int(np.isnan(np.asarray(self.scores[0])).sum())
+            cells = self.tiles.map_size[0] * self.tiles.map_size[1]
+            return dict(foreground=self.foreground, cells_masked=masked, masked_fraction=masked / max(1, cells),
+                        pixels_saved=0.0)
+        cells = self.tiles.map_size[0] * self.tiles.map_size[1]
+        return dict(foreground=self.foreground, cells_masked=census.masked_cells,
+                    masked_fraction=census.masked_cells / max(1, cells), pixels_saved=census.saved_fraction)
 
     def failed(self, error: str, started: float) -> SummaryRow:
         """The error row; a damaged input fails the same way again, so no partial store is left behind (a
@@ -893,11 +922,24 @@ def _peaks(scores, tiles) -> compute.PeakTracker:
     return tracker
 
 
-def _centre(peaks, k: int, geometry, downsample) -> tuple[float, float]:
-    """Class ``k``'s peak window centre in level-0 pixels."""
-    i, j = (int(v) for v in peaks.cells[k])
-    return ((geometry.offset[0] + i * geometry.stride[0] + geometry.window[0] / 2) * downsample[0],
-            (geometry.offset[1] + j * geometry.stride[1] + geometry.window[1] / 2) * downsample[1])
+def _centre(peaks, k: int, geometry, downsample, size) -> tuple[float, float]:
+    """Class ``k``'s peak in level-0 pixels: the centre of its window's part inside the image (the window's
+    centre, except where an image smaller than the window was padded)."""
+    centre = []
+    for axis, q in enumerate(int(v) for v in peaks.cells[k]):
+        start = geometry.offset[axis] + q * geometry.stride[axis]
+        low, high = max(0.0, start), min(float(size[axis]), start + geometry.window[axis])
+        centre.append((low + high) / 2 * downsample[axis] if high > low else (start + geometry.window[axis] / 2)
+                      * downsample[axis])
+    return centre[0], centre[1]
+
+
+def _nothing_computed(path: str, mask) -> InputError:
+    """The error of an image whose map would hold no computed cell (everything masked as background)."""
+    found = "" if mask is None else f" (a flat {mask.kind} background, {mask.fraction:.1%} of the thumbnail " \
+                                    "foreground)"
+    return InputError(f"{path}: no cell was computed: the whole image was taken for background{found}",
+                      hint="if there is tissue, pass --foreground all (or a finer --mpp/--level)")
 
 
 def _ranges(options: HeatmapOptions, peaks, classes) -> dict:
@@ -986,7 +1028,9 @@ def _completed(path, outdir: Path, targets: dict[str, Path], model: ModelInfo, f
     if not all(Path(o).exists() for o in outputs):
         return None
     top = tuple(ClassPeak(**p) for p in (peaks or [])[:top_k])
-    facts = {key: row.get(key) for key in ("padded", "level", "downsample", "mpp", "preprocessing", "output")}
+    facts = {key: row.get(key) for key in ("padded", "level", "downsample", "mpp", "preprocessing", "output",
+                                           "foreground", "masked_fraction", "pixels_saved")}
+    facts["cells_masked"] = int(row.get("cells_masked") or 0)
     facts["preprocessing"] = facts["preprocessing"] or {}
     facts["output_names"] = tuple(row.get("output_names") or ())
     return SummaryRow(path=str(path), status="ok", image_size=image_size, map_size=map_size, top=top,

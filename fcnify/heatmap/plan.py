@@ -14,7 +14,14 @@ Networks whose cells depend on the whole image (squeeze-excitation, "same" paddi
 size, geometry fcnify could not derive) cannot be tiled exactly: they get one tile, and images too large for
 one tile are refused.
 
-Foreground: a thumbnail is read from a coarse pyramid level; if it shows a flat background (one colour, low
+Foreground: which images are masked at all depends on ``--foreground``: ``auto`` looks for a flat background,
+``all`` computes every cell, and the default (``default``) means ``auto`` for slides and tiled TIFFs (glass
+around tissue) and ``all`` for ordinary pictures read by Pillow (a sky or a white wall is content there, not
+glass): see ``resolve_foreground``.
+
+A thumbnail is read from a coarse pyramid level (about an eighth of the window per pixel, but never fewer than
+``MASK_MIN_SIDE`` pixels along the image's longer side, so that at a coarse ``--mpp`` tissue does not average
+away into the glass); if it shows a flat background (one colour, low
 saturation, near white — brightfield slides — or near black — fluorescence, the digits scenes — covering at
 least ``FLAT_FRACTION`` of it), a pixel is foreground when its colour lies more than ``DISTANCE`` from the
 background colour, or (on white) is more saturated than the background by ``SATURATION``; the mask is cleaned
@@ -40,13 +47,18 @@ from fcnify.heatmap.sources import read_thumbnail
 from fcnify.introspect import placement
 
 __all__ = [
-    "DISTANCE", "FLAT_FRACTION", "FOREGROUND_MODES", "SATURATION", "AxisTile", "ForegroundMask", "NetworkBounds",
+    "DISTANCE", "FLAT_FRACTION", "FOREGROUND_MODES", "MASK_MIN_SIDE", "SATURATION", "AxisTile", "ForegroundMask", "NetworkBounds",
     "Tile", "TilePlan", "bounds_of", "cells_for_tile_size", "estimate_foreground", "map_size", "plan_tiles",
+    "resolve_foreground", "tile_span",
 ]
 
 _logger = logging.getLogger(__name__)
 
-FOREGROUND_MODES = ("auto", "all")
+FOREGROUND_MODES = ("default", "auto", "all")
+#: The mask's thumbnail has at least this many pixels along the image's longer side (the whole image where it is
+#: smaller): at a coarse ``--mpp`` an eighth of the window would be so many slide pixels that the thumbnail
+#: shrinks to a few pixels, in which small tissue averages away into the glass.
+MASK_MIN_SIDE = 512
 #: The background must cover at least this fraction of the thumbnail to count as a flat background.
 FLAT_FRACTION = 0.25
 #: Foreground: Euclidean RGB distance (0–255 per channel) from the background colour above this.
@@ -200,15 +212,17 @@ class TilePlan:
         return sum(r.stop - r.start for r in self.rows) * sum(c.stop - c.start for c in self.cols)
 
 
+def tile_span(first: int, last: int, cells: int, canvas: int, stride: int, lo: int, hi: int) -> AxisTile:
+    """One axis of a tile holding cells ``[first, last)`` of a map of ``cells`` over an input of ``canvas`` px."""
+    # Start on a multiple of the stride so that every layer's grid in the tile is the image's, shifted.
+    start = max(0, first * stride + (lo // stride) * stride)
+    stop = canvas if last == cells else min(canvas, (last - 1) * stride + hi)
+    return AxisTile(first, last, start, stop)
+
+
 def _plan_axis(cells: int, canvas: int, stride: int, lo: int, hi: int, per_tile: int) -> tuple[AxisTile, ...]:
-    spans = []
-    for first in range(0, cells, per_tile):
-        last = min(first + per_tile, cells)
-        # Start on a multiple of the stride so that every layer's grid in the tile is the image's, shifted.
-        start = max(0, first * stride + (lo // stride) * stride)
-        stop = canvas if last == cells else min(canvas, (last - 1) * stride + hi)
-        spans.append(AxisTile(first, last, start, stop))
-    return tuple(spans)
+    return tuple(tile_span(first, min(first + per_tile, cells), cells, canvas, stride, lo, hi)
+                 for first in range(0, cells, per_tile))
 
 
 def cells_for_tile_size(bounds: NetworkBounds, tile: tuple[int, int]) -> tuple[int, int]:
@@ -321,19 +335,33 @@ def _flat_background(thumb: np.ndarray) -> tuple[np.ndarray, str] | None:
     return colour, kind
 
 
-def estimate_foreground(view, window: tuple[int, int], mode: str = "auto") -> ForegroundMask | None:
-    """The foreground mask of an image (see the module docstring), or None when everything counts.
+def resolve_foreground(mode: str, source) -> str:
+    """``auto`` or ``all`` for ``--foreground mode`` on ``source``: ``default`` is ``auto`` for slides and tiled
+    TIFFs (tifffile, OpenSlide), ``all`` for ordinary pictures (Pillow).
 
-    The thumbnail is read at about an eighth of the window per pixel (at most 4 Mpx), from the coarsest
-    pyramid level that is fine enough.
+    Raises:
+        InputError: an unknown mode.
     """
     if mode not in FOREGROUND_MODES:
         raise InputError(f"--foreground {mode!r} is not one of {', '.join(FOREGROUND_MODES)}",
-                         hint="--foreground auto (skip a flat background) or all")
-    if mode == "all":
+                         hint="--foreground auto (skip a flat background), all, or leave it out (default: auto for "
+                              "slides, all for ordinary pictures)")
+    if mode == "default":
+        return "all" if source.kind == "pillow" else "auto"
+    return mode
+
+
+def estimate_foreground(view, window: tuple[int, int], mode: str = "auto") -> ForegroundMask | None:
+    """The foreground mask of an image (see the module docstring), or None when everything counts.
+
+    The thumbnail is read at about an eighth of the window per pixel, but with at least ``MASK_MIN_SIDE`` pixels
+    along the longer side (and at most 4 Mpx), from the coarsest pyramid level that is fine enough.
+    """
+    if resolve_foreground(mode, view.source) == "all":
         return None
-    per_mask_pixel = max(1.0, min(window) / 8)
-    thumb, down0 = read_thumbnail(view, max_pixels=4_000_000, min_downsample=per_mask_pixel * view.downsample[0])
+    per_mask_pixel = max(1.0, min(window) / 8) * view.downsample[0]  # level-0 pixels
+    fine_enough = max(view.source.size) / MASK_MIN_SIDE
+    thumb, down0 = read_thumbnail(view, max_pixels=4_000_000, min_downsample=min(per_mask_pixel, fine_enough))
     downsample = (down0[0] / view.downsample[0], down0[1] / view.downsample[1])
     found = _flat_background(np.asarray(thumb, dtype=np.uint8))
     if found is None:

@@ -59,8 +59,11 @@ def summary_schema():
     """The Arrow schema of ``summary.parquet`` (both engines): one row per input.
 
     ``top`` is the top-k classes by peak probability, best first: class index, label, peak probability and
-    the peak cell's window centre (y, x) in level-0 pixels. ``outputs`` are relative to OUTDIR. The tile
-    columns count the image's tiles: computed now, skipped as background, and done by an earlier run.
+    the peak cell's window centre (y, x) in level-0 pixels (of its part inside the image). ``outputs`` are
+    relative to OUTDIR. The tile columns count the image's tiles: computed now, skipped as background, and done
+    by an earlier run. ``foreground`` is the mask mode applied (auto or all), ``cells_masked`` and
+    ``masked_fraction`` the map cells left NaN as background, ``pixels_saved`` the share of input pixels the
+    mask kept out of the network (whole tiles and blocks of tiles skipped).
     """
     import pyarrow as pa  # lazy: heavy, only the summary needs it
 
@@ -74,7 +77,9 @@ def summary_schema():
         ("top", pa.list_(peak)), ("outputs", pa.list_(pa.string())),
         ("level", pa.int64()), ("downsample", pa.float64()), ("mpp", pa.float64()),
         ("tiles", pa.int64()), ("tiles_computed", pa.int64()), ("tiles_background", pa.int64()),
-        ("tiles_resumed", pa.int64()), ("background_fraction", pa.float64()), ("seconds", pa.float64()),
+        ("tiles_resumed", pa.int64()), ("background_fraction", pa.float64()), ("foreground", pa.string()),
+        ("cells_masked", pa.int64()), ("masked_fraction", pa.float64()), ("pixels_saved", pa.float64()),
+        ("seconds", pa.float64()),
         ("megapixels", pa.float64()), ("runtime", pa.string()), ("scores_format", pa.string()),
         ("mean", pa.list_(pa.float64())), ("std", pa.list_(pa.float64())),
         ("preprocessing_source", pa.string()), ("output", pa.string()), ("output_names", pa.list_(pa.string())),
@@ -89,7 +94,8 @@ def _relative(path: str, outdir: Path) -> str:
 
 
 _COUNTS = ("level", "downsample", "mpp", "tiles", "tiles_computed", "tiles_background", "tiles_resumed",
-           "background_fraction", "seconds", "megapixels", "runtime", "scores_format")
+           "background_fraction", "foreground", "cells_masked", "masked_fraction", "pixels_saved", "seconds",
+           "megapixels", "runtime", "scores_format")
 
 
 def rows_to_table(rows: Sequence[SummaryRow], indices: Sequence[int], stems: Sequence[str], outdir):
