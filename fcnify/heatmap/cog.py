@@ -19,6 +19,7 @@ import numpy as np
 
 from fcnify.atomic import temp_beside
 from fcnify.heatmap.geo import GeoReference, require_rasterio
+from fcnify.optional import require
 
 __all__ = ["COG_BLOCK", "write_cog"]
 
@@ -41,7 +42,7 @@ def write_cog(path: Path, scores, attrs: dict, georef: GeoReference, block: int 
         block: the tile side (a multiple of 16).
     """
     rasterio = require_rasterio("write the score map as a GeoTIFF (--formats geotiff)")
-    import rasterio.shutil  # noqa: F401 - a submodule rasterio does not import itself
+    copy = require("rasterio.shutil", "geo", "write the score map as a GeoTIFF").copy
     from rasterio.windows import Window
 
     classes, rows, cols = (int(v) for v in scores.shape)
@@ -68,7 +69,7 @@ def write_cog(path: Path, scores, attrs: dict, georef: GeoReference, block: int 
                 for k, label in enumerate(labels, start=1):
                     dst.set_band_description(k, label)
                 dst.update_tags(**tags)
-            rasterio.shutil.copy(staging, path, driver="COG", COMPRESS="DEFLATE", PREDICTOR="FLOATING_POINT",
+            copy(staging, path, driver="COG", COMPRESS="DEFLATE", PREDICTOR="FLOATING_POINT",
                                  BLOCKSIZE=str(block), OVERVIEW_RESAMPLING="AVERAGE", RESAMPLING="AVERAGE",
                                  BIGTIFF="IF_SAFER")
     finally:

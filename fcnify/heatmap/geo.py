@@ -431,7 +431,7 @@ def geojson_placement(georef: GeoReference, target: str) -> tuple[Callable[[np.n
         raise InputError(f"--geojson-crs {target!r} is not one of {', '.join(GEOJSON_CRS)}",
                          hint="--geojson-crs wgs84 (RFC 7946, the default) or source")
     rasterio = require_rasterio("write GeoJSON in map coordinates")
-    import rasterio.warp  # noqa: F401 - a submodule rasterio does not import itself
+    warp = require("rasterio.warp", "geo", "write GeoJSON in map coordinates")
 
     a, b, c, d, e, f = georef.transform
 
@@ -449,7 +449,7 @@ def geojson_placement(georef: GeoReference, target: str) -> tuple[Callable[[np.n
         mapped = to_source(xy)
         if not len(mapped):
             return mapped
-        lon, lat = rasterio.warp.transform(source_crs, "OGC:CRS84", mapped[:, 0].tolist(), mapped[:, 1].tolist())
+        lon, lat = warp.transform(source_crs, "OGC:CRS84", mapped[:, 0].tolist(), mapped[:, 1].tolist())
         return np.column_stack((lon, lat))
 
     return to_wgs84, {"type": "name", "properties": {"name": _WGS84_URN}}
