@@ -3,7 +3,7 @@
 The scene (UTM, 10 m, nodata 0 on a border strip, 256² deflate tiles, no overviews) is written tile by tile with
 rasterio, so making it holds one tile. The figure is one ``/usr/bin/time -v fcnify heatmap …`` in a fresh
 process (``gigapixel.run_cli``): peak RSS must stay within the slides' (≤ 2.5 GB). ``FCNIFY_BIN`` names another
-``fcnify`` executable than ``.venv/bin/fcnify``.
+``fcnify`` executable than ``.venv/bin/fcnify``; ``FCNIFY_GEO_SIZE`` another scene side.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def make_scene(path: Path, size: int) -> float:
 def run(quick: bool = False) -> tuple[list[str], dict]:
     """Write the scene, run the CLI on it once; Markdown lines and figures."""
     gigapixel.FCNIFY = Path(os.environ.get("FCNIFY_BIN", gigapixel.FCNIFY))
-    size = QUICK_SIZE if quick else SIZE
+    size = int(os.environ.get("FCNIFY_GEO_SIZE", QUICK_SIZE if quick else SIZE))  # a smaller scene on small machines
     with tempfile.TemporaryDirectory(prefix="fcnify-geo-bench-") as tmp:
         folder = Path(tmp)
         scene = folder / f"scene_{size}.tif"
