@@ -385,7 +385,8 @@ def heatmap(
     scores_levels: Annotated[bool, typer.Option(
         "--scores-levels", help="Add 2x downsampled levels to a .scores.zarr (OME-NGFF multiscales).")] = False,
     bands: Annotated[str | None, typer.Option(
-        "--bands", help="Bands of a multi-band scene (GeoTIFF) the model sees, 1-based as in GDAL: e.g. 4,3,2.")] = None,
+        "--bands", help="Bands of a multi-band scene (GeoTIFF) the model sees, 1-based as in GDAL: e.g. 4,3,2.")
+    ] = None,
     scale_range: Annotated[str | None, typer.Option(
         "--scale-range", help="MIN,MAX band values that become 0 and 1 (non-uint8 scenes; default: each band's "
                               "2-98 percentiles over a thumbnail).")] = None,

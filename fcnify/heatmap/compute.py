@@ -30,7 +30,8 @@ from fcnify.heatmap.scoremap import check_class_count
 from fcnify.onnx_export import export_onnx
 from fcnify.onnx_runtime import OnnxNet
 
-__all__ = ["RUNTIMES", "PeakTracker", "TileNetwork", "check_channels", "choose_runtime", "compute_tiles", "onnx_twin", "read_tiles",
+__all__ = ["RUNTIMES", "PeakTracker", "TileNetwork", "check_channels", "choose_runtime", "compute_tiles", "onnx_twin",
+           "read_tiles",
            "to_model_input"]
 
 _logger = logging.getLogger(__name__)

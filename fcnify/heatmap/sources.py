@@ -812,7 +812,8 @@ def read_thumbnail(view_or_source: LevelView | ImageSource, max_pixels: int = 4_
         min_downsample: the least level-0 pixels per thumbnail pixel.
 
     Returns:
-        (thumbnail uint8 h×w×3 (``display_rgb`` of other channel counts), (level-0 rows per thumbnail row, level-0 columns per thumbnail column)).
+        (thumbnail uint8 h×w×3 (``display_rgb`` of other channel counts), (level-0 rows per thumbnail row,
+        level-0 columns per thumbnail column)).
     """
     source = view_or_source.source if isinstance(view_or_source, LevelView) else view_or_source
     height0, width0 = source.size
