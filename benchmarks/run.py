@@ -323,6 +323,16 @@ def bench_clusters(report: list[str], results: dict, quick: bool) -> None:
     report += ["## Slides over Ray, and every viewer format", "", *lines]
 
 
+def bench_geo(report: list[str], results: dict, quick: bool) -> None:
+    """A 20000² 4-band uint16 GeoTIFF through the whole CLI: ``geo.py``."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import geo
+
+    lines, figures = geo.run(quick=quick)
+    results["geo"] = figures
+    report += ["## Satellite scenes", "", *lines]
+
+
 def machine(threads: int) -> list[str]:
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
@@ -345,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-o", "--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="also write the raw figures as JSON")
-    parser.add_argument("--only", default="dense,gigapixel,stride,onnx,engines,clusters,cuda",
+    parser.add_argument("--only", default="dense,gigapixel,stride,onnx,engines,clusters,geo,cuda",
                         help="comma-separated sections")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
@@ -362,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
              ("onnx", lambda: bench_onnx(cfg, report, results, args.threads)),
              ("engines", lambda: bench_engines(report, results, args.quick)),
              ("clusters", lambda: bench_clusters(report, results, args.quick)),
+             ("geo", lambda: bench_geo(report, results, args.quick)),
              ("cuda", lambda: bench_cuda(cfg, report, results, args.quick))]
     for name, step in steps:
         if name in sections:

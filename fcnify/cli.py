@@ -556,12 +556,22 @@ def heatmap(
     scores_dtype: Annotated[str, typer.Option("--scores-dtype", help="float32 or float16 (zarr).")] = "float32",
     preview_size: Annotated[int, typer.Option("--preview-size", min=16, help="Longest side of the previews.")] = 4096,
     formats: Annotated[str, typer.Option(
-        "--formats", help="Comma list of png, scores, geojson (QuPath annotations), ome-tiff (pyramidal overlay).")
+        "--formats", help="Comma list of png, scores, geojson (QuPath annotations), ome-tiff (pyramidal overlay), "
+                          "geotiff (score map as a Cloud-Optimized GeoTIFF; automatic for scenes with a CRS).")
     ] = "png,scores",
     min_score: Annotated[float | None, typer.Option(
         "--min-score", help="GeoJSON: only cells whose top class has at least this probability.")] = None,
     scores_levels: Annotated[bool, typer.Option(
         "--scores-levels", help="Add 2x downsampled levels to a .scores.zarr (OME-NGFF multiscales).")] = False,
+    bands: Annotated[str | None, typer.Option(
+        "--bands", help="Bands of a multi-band scene (GeoTIFF) the model sees, 1-based as in GDAL: e.g. 4,3,2.")
+    ] = None,
+    scale_range: Annotated[str | None, typer.Option(
+        "--scale-range", help="MIN,MAX band values that become 0 and 1 (non-uint8 scenes; default: each band's "
+                              "2-98 percentiles over a thumbnail).")] = None,
+    geojson_crs: Annotated[str, typer.Option(
+        "--geojson-crs", help="GeoJSON of scenes with a CRS: wgs84 (longitude, latitude; RFC 7946) or source.")
+    ] = "wgs84",
     max_pixels: Annotated[int | None, typer.Option("--max-pixels", min=0,
                                                    help="Refuse larger ordinary images (0: no limit).")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")] = "auto",
@@ -623,7 +633,8 @@ def heatmap(
                              scales=tuple(parse_scales(scales)) if scales else (), combine=combine, level=level,
                              mpp=mpp, foreground=foreground, scores=scores, scores_dtype=scores_dtype,
                              preview_size=preview_size, runtime=runtime, formats=formats, min_score=min_score,
-                             scores_levels=scores_levels)
+                             scores_levels=scores_levels, bands=bands, scale_range=scale_range,
+                             geojson_crs=geojson_crs)
     options.validate()
     if engine not in ENGINES:
         raise InputError(f"unknown engine {engine!r}", hint="use --engine local or --engine ray")

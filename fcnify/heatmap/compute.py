@@ -31,8 +31,9 @@ from fcnify.heatmap.scoremap import check_class_count
 from fcnify.onnx_export import export_onnx
 from fcnify.onnx_runtime import OnnxNet
 
-__all__ = ["RUNTIMES", "ForegroundCensus", "PeakTracker", "TileNetwork", "choose_runtime", "compute_tiles",
-           "foreground_blocks", "foreground_census", "foreground_tiles", "onnx_twin", "read_tiles", "to_model_input"]
+__all__ = ["RUNTIMES", "ForegroundCensus", "PeakTracker", "TileNetwork", "check_channels", "choose_runtime",
+           "compute_tiles", "foreground_blocks", "foreground_census", "foreground_tiles", "onnx_twin", "read_tiles",
+           "to_model_input"]
 
 _logger = logging.getLogger(__name__)
 
@@ -44,23 +45,36 @@ AUTO_ONNX_PIXELS = 64_000_000
 
 def to_model_input(rgb: np.ndarray, in_chans: int, mean: torch.Tensor, std: torch.Tensor,
                    canvas: tuple[int, int] | None = None) -> torch.Tensor:
-    """An H×W×3 uint8 region as a normalised C×H×W float32 tensor, zero-padded (the mean colour) to ``canvas``.
+    """An H×W×3 uint8 region (H×W×C: a scene's bands) as a normalised C×H×W float32 tensor, zero-padded (the
+    mean colour) to ``canvas``.
 
-    One channel is Pillow's ITU-R 601-2 luma (``Image.convert("L")``, the same integer arithmetic), so a grey
-    image gives back its grey values exactly.
+    A region with as many channels as the model takes goes in as it is. RGB for a one-channel model is Pillow's
+    ITU-R 601-2 luma (``Image.convert("L")``, the same integer arithmetic), so a grey image gives back its grey
+    values exactly.
     """
-    if in_chans == 1:
+    check_channels(rgb.shape[2], in_chans)
+    if in_chans == 1 and rgb.shape[2] == 3:
         r, g, b = (rgb[..., c].astype(np.uint32) for c in range(3))
         rgb = ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).astype(np.uint8)[..., None]
-    elif in_chans != 3:
-        raise InputError(f"models with {in_chans} input channels cannot read images",
-                         hint="fcnify heatmaps support 1-channel (grayscale) and 3-channel (RGB) models")
     tensor = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).float().div_(255.0)
     tensor = (tensor - mean[:, None, None]) / std[:, None, None]
     if canvas is not None and tuple(tensor.shape[1:]) != tuple(canvas):
         pad_h, pad_w = canvas[0] - tensor.shape[1], canvas[1] - tensor.shape[2]
         tensor = torch.nn.functional.pad(tensor, (0, pad_w, 0, pad_h), value=0.0)
     return tensor
+
+
+def check_channels(channels: int, in_chans: int) -> None:
+    """Raise ``InputError`` unless images with ``channels`` channels can feed a model of ``in_chans``: the same
+    count, or RGB for a one-channel model (luma)."""
+    if channels == in_chans or (channels == 3 and in_chans == 1):
+        return
+    if channels == 3:
+        raise InputError(f"the model takes {in_chans} input channels, but images give 3 (RGB)",
+                         hint="for a multi-band scene (GeoTIFF) choose that many bands with --bands, e.g. "
+                              f"--bands {','.join(str(b) for b in range(1, in_chans + 1))}")
+    raise InputError(f"--bands gives {channels} band{'s' if channels != 1 else ''} but the model takes {in_chans} "
+                     "input channels", hint=f"name {in_chans} band{'s' if in_chans != 1 else ''} with --bands")
 
 
 @dataclass

@@ -37,13 +37,14 @@ from PIL import Image
 
 from fcnify.dense import with_output_stride
 from fcnify.errors import FcnifyError, InputError, InternalError, OutputError
-from fcnify.heatmap import compute, plan, sinks, viewers
+from fcnify.heatmap import compute, geo, plan, sinks, viewers
+from fcnify.heatmap.cog import write_cog
 from fcnify.heatmap.legend import add_legend, colour_range
 from fcnify.heatmap.memory import DEFAULT_TILE_BUDGET, bytes_per_pixel, parse_memory, parse_tile, tile_side
 from fcnify.heatmap.multiscale import multiscale_map, parse_scales
 from fcnify.heatmap.previews import classes_figure, colour_lut, panel_side, preview_shape, render_previews
 from fcnify.heatmap.render import colormap
-from fcnify.heatmap.sources import open_source, open_view, read_thumbnail
+from fcnify.heatmap.sources import display_rgb, open_view, read_thumbnail
 from fcnify.images import PreparedImage
 
 __all__ = [
@@ -103,6 +104,10 @@ class HeatmapOptions:
         min_score: GeoJSON regions keep only cells whose top probability is at least this (None: all).
         scores_levels: add 2× downsampled copies of a zarr map (down to ≤ 1024 cells) listed in its OME-NGFF
             ``multiscales``, so viewers open huge maps quickly.
+        bands: the 1-based bands of multi-band scenes (GeoTIFF) the model sees, in order (a tuple or "4,3,2").
+        scale_range: the band values that become 0 and 1 for non-uint8 scenes (a pair or "0,3000"; None: each
+            band's 2–98 percentiles over a thumbnail).
+        geojson_crs: GeoJSON of georeferenced scenes in "wgs84" (longitude, latitude) or the "source" CRS.
     """
 
     outdir: Path
@@ -135,6 +140,9 @@ class HeatmapOptions:
     formats: tuple | str = DEFAULT_FORMATS
     min_score: float | None = None
     scores_levels: bool = False
+    bands: tuple | str | None = None
+    scale_range: tuple | str | None = None
+    geojson_crs: str = "wgs84"
 
     def validate(self) -> None:
         """Raise ``InputError`` for option values that can never work (before any image is read)."""
@@ -173,6 +181,11 @@ class HeatmapOptions:
                 raise InputError(message, hint=hint)
         self._validate_range()
         self._validate_formats()
+        self.bands = geo.parse_bands(self.bands)
+        self.scale_range = geo.parse_scale_range(self.scale_range)
+        if self.geojson_crs not in geo.GEOJSON_CRS:
+            raise InputError(f"--geojson-crs {self.geojson_crs!r} is not one of {', '.join(geo.GEOJSON_CRS)}",
+                             hint="--geojson-crs wgs84 (RFC 7946, the default) or source")
         parse_tile(self.tile)
         if self.max_memory is not None:
             parse_memory(self.max_memory)
@@ -398,6 +411,8 @@ def expected_outputs(stem: str, outdir: Path, classes: Sequence[int], labels: Se
             targets[f"ome-tiff{key}"] = base.with_name(f"{base.name}{part}.ome.tif")
     if "geojson" in formats:
         targets["geojson"] = base.with_name(base.name + ".geojson")
+    if "geotiff" in formats:
+        targets["geotiff"] = base.with_name(base.name + ".scores.tif")
     targets["scores"] = base.with_name(f"{base.name}.scores.{scores_format}")
     return targets
 
@@ -652,7 +667,9 @@ class ImageRun:
         """Open the image and plan its tiles; the finished row when ``resume`` finds its outputs complete."""
         job, options, model = self.job, self.job.options, self.job.model
         _make_stem_folder(self.outdir, self.stem)
-        self.source = self._files.enter_context(open_source(self.path, options.max_pixels))
+        self.source = self._files.enter_context(geo.open_source(self.path, options.max_pixels, options.bands,
+                                                                options.scale_range))
+        compute.check_channels(self.source.channels, model.in_chans)
         self.view = open_view(self.source, level=options.level, mpp=options.mpp, scale=options.scale)
         if options.scales and not self.source.whole:
             raise InputError("--scales needs an image held in memory; this one is read tile by tile",
@@ -662,8 +679,9 @@ class ImageRun:
         self.tiles = plan.plan_tiles(job.fcn, job.geometry, model.in_chans, self.view.size, cells)
         self.format = "npz" if options.scales else choose_scores_format(options.scores, self.source,
                                                                         self.tiles.map_size, len(model.labels))
+        self.georef = getattr(self.source, "georef", None)
         self.targets = expected_outputs(self.stem, self.outdir, job.classes, model.labels, self.format,
-                                        options.formats)
+                                        _formats_for(options.formats, self.georef, self.path))
         view = self.view
         self.info = dict(level=view.level, downsample=float(view.downsample[0]),
                          mpp=float(view.mpp[0]) if view.mpp else None, scores_format=self.format,
@@ -683,11 +701,15 @@ class ImageRun:
         job, options, model = self.job, self.job.options, self.job.model
         view, tiles = self.view, self.tiles
         self.foreground = plan.resolve_foreground(options.foreground, self.source)
-        self.mask = plan.estimate_foreground(view, job.window, self.foreground)
+        if isinstance(self.source, geo.GeoSource):  # a scene's background is its nodata, whatever its colours
+            self.mask = None if options.foreground == "all" else geo.nodata_mask(view, job.window)
+        else:
+            self.mask = plan.estimate_foreground(view, job.window, self.foreground)
         self.attrs = sinks.MapAttrs(model.labels, image_size=tuple(self.source.size), level=view.level,
                                     downsample=tuple(float(v) for v in view.downsample),
                                     mpp=tuple(view.mpp) if view.mpp else None, **_level0(view, job.geometry),
                                     extra=_attrs_extra(job, tiles, self.mask, model))
+        self.attrs.extra.update(geo.map_attrs(self.source, self.attrs.to_json()))
         state = self.state = TileProgress(self.path, tiles.count)
         if options.scales:
             self.computed = [True]
@@ -702,6 +724,8 @@ class ImageRun:
                        "size": list(view.size), "downsample": list(view.downsample), "cells": list(tiles.cells),
                        "geometry": job.geometry.to_dict(), "foreground": self.foreground,
                        "mean": list(model.mean), "std": list(model.std), "dtype": options.scores_dtype}
+            if "reading" in self.attrs.extra:  # other bands or scaling: other values
+                run_key["reading"] = self.attrs.extra["reading"]
             self.sink = sinks.ZarrSink(self.targets["scores"], tiles, self.attrs, run_key, options.scores_dtype,
                                        self.resume)
             self.scores = self.sink.array
@@ -793,7 +817,8 @@ class ImageRun:
             if "png" in options.formats:
                 _write_previews(staged, view, scores, view_geometry, targets, draw, top, peaks, ranges, centres,
                                 job)
-            _write_viewers(staged, scores, self.attrs, targets, draw, ranges, tuple(self.source.size), options)
+            _write_viewers(staged, scores, self.attrs, targets, draw, ranges, tuple(self.source.size), options,
+                           self.georef)
             if mask is not None:
                 target = outdir / Path(self.stem).with_name(Path(self.stem).name + ".mask.png")
                 tmp = staged.path(target)
@@ -876,6 +901,17 @@ def compute_shard(shard: TileShard, indices: Sequence[int], job: ImageJob, view)
     return finished, network.runtime
 
 
+def _formats_for(formats: Sequence[str], georef, path: str) -> tuple[str, ...]:
+    """The formats one image gets: a georeferenced scene always gets its score GeoTIFF; ``geotiff`` for an
+    image without a CRS is an error."""
+    if georef is not None:
+        return tuple(dict.fromkeys([*formats, "geotiff"]))
+    if "geotiff" in formats:
+        raise InputError(f"{path} has no CRS: its score map cannot be placed on a map (--formats geotiff)",
+                         hint="give a GeoTIFF with a CRS (gdalinfo shows it), or leave geotiff out of --formats")
+    return tuple(formats)
+
+
 def _make_stem_folder(outdir: Path, stem: str) -> None:
     """Create the sub-folder of a stem such as ``a/photo`` (inputs sharing a file name keep their folders)."""
     folder = (outdir / stem).parent
@@ -949,11 +985,17 @@ def _ranges(options: HeatmapOptions, peaks, classes) -> dict:
                             float(peaks.values[k])) for k in classes}
 
 
-def _write_viewers(staged, scores, attrs: sinks.MapAttrs, targets, draw, ranges, size0, options) -> None:
-    """The GeoJSON annotations and the OME-TIFF overlays (``viewers``), from the map band by band."""
+def _write_viewers(staged, scores, attrs: sinks.MapAttrs, targets, draw, ranges, size0, options,
+                   georef: geo.GeoReference | None = None) -> None:
+    """The GeoJSON annotations (in map coordinates for a georeferenced scene), the OME-TIFF overlays
+    (``viewers``) and the score GeoTIFF (``cog``), from the map band by band."""
     described = attrs.to_json()
     if "geojson" in targets:
-        viewers.write_geojson(staged.path(targets["geojson"]), scores, described, options.min_score)
+        to_map, crs = geo.geojson_placement(georef, options.geojson_crs) if georef is not None else (None, None)
+        viewers.write_geojson(staged.path(targets["geojson"]), scores, described, options.min_score,
+                              to_map=to_map, crs=crs)
+    if "geotiff" in targets:
+        write_cog(staged.path(targets["geotiff"]), scores, described, georef)
     overlays = [t for key, t in targets.items() if key.startswith("ome-tiff")]
     if overlays:
         lut = colour_lut(options.cmap)
@@ -970,7 +1012,7 @@ def _write_previews(staged, view, scores, geometry, targets, draw, top, peaks, r
     size0 = tuple(source.size)
     shape = preview_shape(size0, options.preview_size)
     if tuple(shape) == size0:
-        picture = source.read_region(0, 0, 0, *size0)
+        picture = display_rgb(source.read_region(0, 0, 0, *size0))
     else:
         # Box-averaged to about the preview's size from the nearest pyramid level, then fitted exactly.
         thumb, _ = read_thumbnail(source, max_pixels=shape[0] * shape[1], min_downsample=1.0)

@@ -33,6 +33,7 @@ import torch
 from fcnify.dense import check_precision
 from fcnify.errors import EngineError, ExportError, FcnifyError, InputError, InternalError, first_line
 from fcnify.export import ModelMetadata, save_pt2
+from fcnify.heatmap.geo import open_source
 from fcnify.heatmap.local import readable_path, run_paths
 from fcnify.heatmap.pipeline import (
     HeatmapOptions,
@@ -44,7 +45,7 @@ from fcnify.heatmap.pipeline import (
     compute_shard,
     resolve_classes,
 )
-from fcnify.heatmap.sources import open_source, open_view
+from fcnify.heatmap.sources import open_view
 from fcnify.heatmap.summary import SUMMARY_NAME, JobResult, clear_summary, rows_to_table, table_to_rows
 from fcnify.models import load_model
 from fcnify.optional import require
@@ -247,7 +248,7 @@ class _Worker:
         """The image of shard ``index``, opened once per actor (a few kept open: many slides share the pool)."""
         if index not in self.views:
             options = self.job.options
-            source = open_source(self.shards[index].path, options.max_pixels)
+            source = open_source(self.shards[index].path, options.max_pixels, options.bands, options.scale_range)
             self.views[index] = (source, open_view(source, level=options.level, mpp=options.mpp, scale=options.scale))
             while len(self.views) > _OPEN_IMAGES:
                 self.views.popitem(last=False)[1][0].close()

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fcnify.errors import InputError
+from fcnify.heatmap.compute import check_channels
 from fcnify.heatmap.local import run_paths
 from fcnify.heatmap.pipeline import (
     HeatmapOptions,
@@ -83,6 +84,8 @@ def run_job(paths: Sequence[str], fcn, geometry, loaded, options: HeatmapOptions
     paths = [str(p) for p in paths]
     stems = output_stems(paths)  # once, over all inputs: every engine and worker uses the same names
     model = ModelInfo.of(loaded)
+    if options.bands is not None:  # once, before any image: every scene would fail the same way
+        check_channels(len(options.bands), model.in_chans)
     if engine == "local":
         created = _missing_folders(Path(options.outdir))
         job = ImageJob(fcn, geometry, model, options, metadata)

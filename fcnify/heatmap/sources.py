@@ -39,7 +39,7 @@ from fcnify.optional import require
 
 __all__ = [
     "ImageSource", "Level", "LevelView", "OpenSlideSource", "PillowSource", "TiffSource", "open_source",
-    "open_view", "read_thumbnail",
+    "display_rgb", "is_tiff", "open_view", "read_thumbnail",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -86,6 +86,8 @@ class ImageSource(abc.ABC):
         levels: the stored resolutions, finest first; ``levels[0]`` is the full-resolution image.
         mpp: micrometres per level-0 pixel (y, x), when the file records it.
         whole: True when the image is decoded whole in memory (Pillow); False when regions are read on demand.
+        channels: the channels ``read_region`` gives: 3 (RGB), or the bands a scene is read with
+            (``geo.GeoSource``).
     """
 
     path: str
@@ -93,6 +95,7 @@ class ImageSource(abc.ABC):
     levels: tuple[Level, ...]
     mpp: tuple[float, float] | None
     whole: bool
+    channels: int = 3
 
     @property
     def size(self) -> tuple[int, int]:
@@ -100,7 +103,7 @@ class ImageSource(abc.ABC):
         return self.levels[0].size
 
     def read_region(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
-        """The pixels [y, y+h) × [x, x+w) of ``level`` as uint8 h×w×3 RGB.
+        """The pixels [y, y+h) × [x, x+w) of ``level`` as uint8 h×w×3 RGB (h×w×``channels``).
 
         Only the stored tiles the region touches are decoded.
 
@@ -116,7 +119,7 @@ class ImageSource(abc.ABC):
                 f"{self.path}: region y {y}, x {x}, {h}×{w} is not inside level {level} ({height}×{width})",
                 hint="read regions inside the image")
         if h == 0 or w == 0:
-            return np.zeros((h, w, 3), np.uint8)
+            return np.zeros((h, w, self.channels), np.uint8)
         return self._read(level, int(y), int(x), int(h), int(w))
 
     @abc.abstractmethod
@@ -548,6 +551,24 @@ def _import_openslide(path: str):
     return require("openslide", "openslide", f"read {Path(path).name} (whole-slide formats such as MIRAX or VMS)")
 
 
+def is_tiff(path: str) -> bool:
+    """Whether the file starts with a TIFF or BigTIFF header."""
+    try:
+        return _header(path)[:4] in _TIFF_MAGIC
+    except OSError:
+        return False
+
+
+def display_rgb(pixels: np.ndarray) -> np.ndarray:
+    """h×w×C uint8 as h×w×3 for pictures: grey (C = 1 or 2) repeated, the first three of more channels."""
+    channels = pixels.shape[2]
+    if channels == 3:
+        return pixels
+    if channels < 3:
+        return np.repeat(pixels[..., :1], 3, axis=2)
+    return np.ascontiguousarray(pixels[..., :3])
+
+
 def _header(path: str) -> bytes:
     if "://" in path:
         with images.open_uri(path) as f:
@@ -674,7 +695,7 @@ class LevelView:
         if not self.resampled:
             return self.source.read_region(self.level, y, x, h, w)
         if h == 0 or w == 0:
-            return np.zeros((h, w, 3), np.uint8)
+            return np.zeros((h, w, self.source.channels), np.uint8)
         level_h, level_w = self.source.levels[self.level].size
         sy, sx = level_h / height, level_w / width  # level pixels per view pixel
         top, bottom = y * sy, (y + h) * sy
@@ -685,9 +706,12 @@ class LevelView:
         y0, y1 = max(0, math.floor(top) - my), min(level_h, math.ceil(bottom) + my)
         x0, x1 = max(0, math.floor(left) - mx), min(level_w, math.ceil(right) + mx)
         region = self.source.read_region(self.level, y0, x0, y1 - y0, x1 - x0)
-        resized = Image.fromarray(region).resize((w, h), Image.Resampling.BILINEAR,
-                                                 box=(left - x0, top - y0, right - x0, bottom - y0))
-        return np.asarray(resized)
+        box = (left - x0, top - y0, right - x0, bottom - y0)
+        if region.shape[2] != 3:  # bands of a scene: each resized on its own, as Pillow has no mode for them
+            return np.stack([np.asarray(Image.fromarray(region[..., c]).resize((w, h), Image.Resampling.BILINEAR,
+                                                                                 box=box))
+                             for c in range(region.shape[2])], axis=2)
+        return np.asarray(Image.fromarray(region).resize((w, h), Image.Resampling.BILINEAR, box=box))
 
 
 def _level_mpp(source: ImageSource, level: int) -> tuple[float, float]:
@@ -788,7 +812,8 @@ def read_thumbnail(view_or_source: LevelView | ImageSource, max_pixels: int = 4_
         min_downsample: the least level-0 pixels per thumbnail pixel.
 
     Returns:
-        (thumbnail uint8 h×w×3, (level-0 rows per thumbnail row, level-0 columns per thumbnail column)).
+        (thumbnail uint8 h×w×3 (``display_rgb`` of other channel counts), (level-0 rows per thumbnail row,
+        level-0 columns per thumbnail column)).
     """
     source = view_or_source.source if isinstance(view_or_source, LevelView) else view_or_source
     height0, width0 = source.size
@@ -806,7 +831,7 @@ def read_thumbnail(view_or_source: LevelView | ImageSource, max_pixels: int = 4_
     level = usable[-1] if usable else 0
     level_h, level_w = source.levels[level].size
     if (level_h, level_w) == (th, tw):
-        return source.read_region(level, 0, 0, th, tw), downsample
+        return display_rgb(source.read_region(level, 0, 0, th, tw)), downsample
     sy, sx = level_h / th, level_w / tw  # level pixels per thumbnail pixel
     rows = max(1, int(_THUMBNAIL_BLOCK / sy))  # thumbnail pixels per block
     cols = max(1, int(_THUMBNAIL_BLOCK / sx))
@@ -819,7 +844,7 @@ def read_thumbnail(view_or_source: LevelView | ImageSource, max_pixels: int = 4_
             j1 = min(tw, j0 + cols)
             left, right = j0 * sx, j1 * sx
             x0, x1 = max(0, math.floor(left) - 1), min(level_w, math.ceil(right) + 1)
-            block = source.read_region(level, y0, x0, y1 - y0, x1 - x0)
+            block = display_rgb(source.read_region(level, y0, x0, y1 - y0, x1 - x0))
             # box averaging over exactly this block of thumbnail pixels, as a resize of the whole level would
             thumb[i0:i1, j0:j1] = np.asarray(Image.fromarray(block).resize(
                 (j1 - j0, i1 - i0), Image.Resampling.BOX, box=(left - x0, top - y0, right - x0, bottom - y0)))

@@ -23,7 +23,7 @@ import json
 import logging
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -34,14 +34,16 @@ import zarr
 from fcnify.heatmap.legend import ColourRange
 from fcnify.heatmap.previews import _Axis, _bilinear
 from fcnify.heatmap.render import label_colours
+from fcnify.optional import require
 
 __all__ = ["FORMATS", "background_classes", "level_path", "ngff_attrs", "write_ngff_levels", "overlay_levels", "parse_formats", "polygonize",
            "write_geojson", "write_ome_tiff"]
 
 _logger = logging.getLogger(__name__)
 
-#: What ``--formats`` may name: previews, the score store, QuPath annotations, the OME-TIFF overlay.
-FORMATS = ("png", "scores", "geojson", "ome-tiff")
+#: What ``--formats`` may name: previews, the score store, QuPath annotations, the OME-TIFF overlay, the score
+#: map as a Cloud-Optimized GeoTIFF (``cog``; georeferenced scenes get it without asking).
+FORMATS = ("png", "scores", "geojson", "ome-tiff", "geotiff")
 #: Bytes of map rows read at once (the polygonizer holds a few times this).
 _BAND_BYTES = 32 * 2**20
 #: Regions encoded together (shapely's vectorised placing and GeoJSON encoding).
@@ -117,8 +119,8 @@ def _band_regions(block: np.ndarray, first: int, skip: set[int], min_score: floa
     """The 4-connected regions of each class's argmax cells in ``block`` (K×R×W, map rows from ``first``)."""
     # rasterio and shapely load GDAL and GEOS: only runs asked for --formats geojson pay for them.
     import shapely
-    from rasterio import features
 
+    features = require("rasterio.features", "geo", "write --formats geojson (polygons of the map's regions)")
     known = ~np.isnan(block).all(axis=0)
     filled = np.where(np.isnan(block), -np.inf, block)
     best = filled.argmax(axis=0)
@@ -201,7 +203,7 @@ def polygonize(scores, skip: set[int] = frozenset(), min_score: float | None = N
 
 
 def _features(regions: list[Region], geometry: Geometry, labels: Sequence[str], colours: np.ndarray,
-              mpp: tuple[float, float] | None) -> list[str]:
+              mpp: tuple[float, float] | None, to_map: Callable[[np.ndarray], np.ndarray] | None = None) -> list[str]:
     """GeoJSON Feature texts of ``regions``, their geometry placed and encoded by shapely for all at once."""
     import shapely
 
@@ -209,6 +211,8 @@ def _features(regions: list[Region], geometry: Geometry, labels: Sequence[str], 
     # Cell coordinates (x = column, y = row) to level-0 pixels: column j's square starts at corner + j·stride.
     scale, shift = np.array([sx, sy]), np.array([geometry.corner(1), geometry.corner(0)])
     placed = shapely.transform(np.array([r.shape for r in regions], dtype=object), lambda xy: xy * scale + shift)
+    if to_map is not None:
+        placed = shapely.transform(placed, to_map)
     texts = []
     for region, encoded in zip(regions, shapely.to_geojson(placed), strict=True):
         area = region.cells * sy * sx
@@ -226,7 +230,8 @@ def _features(regions: list[Region], geometry: Geometry, labels: Sequence[str], 
 
 
 def write_geojson(path: Path, scores, attrs: dict, min_score: float | None = None,
-                  band_rows: int | None = None) -> dict[str, int]:
+                  band_rows: int | None = None, to_map: Callable[[np.ndarray], np.ndarray] | None = None,
+                  crs: dict | None = None) -> dict[str, int]:
     """Write the map's class regions as a GeoJSON FeatureCollection QuPath imports as annotations.
 
     Args:
@@ -234,6 +239,9 @@ def write_geojson(path: Path, scores, attrs: dict, min_score: float | None = Non
         scores: K×rows×cols probabilities (an array or a zarr array).
         attrs: the map's attributes (``labels``, ``stride``, ``offset``, ``window``, ``mpp``, ``downsample``).
         min_score: leave out cells whose top probability is below it.
+        to_map: level-0 pixel (x, y) rows → map coordinates (georeferenced scenes, ``geo.geojson_placement``);
+            None: pixel coordinates.
+        crs: the collection's ``crs`` member naming the map coordinates' CRS.
 
     Returns:
         class name → number of regions written.
@@ -244,7 +252,8 @@ def write_geojson(path: Path, scores, attrs: dict, min_score: float | None = Non
     counts = {labels[k]: 0 for k in range(len(labels))}
     with open(path, "w", encoding="utf-8") as f:
         # One feature per line as each region is finished: the file is streamed, never built in memory.
-        f.write('{"type": "FeatureCollection", "features": [\n')
+        named = f'"crs": {json.dumps(crs)}, ' if crs is not None else ""
+        f.write(f'{{"type": "FeatureCollection", {named}"features": [\n')
         separator, batch = "", []
         regions = polygonize(scores, background_classes(labels), min_score, band_rows)
         for region in (*regions, None):
@@ -252,7 +261,7 @@ def write_geojson(path: Path, scores, attrs: dict, min_score: float | None = Non
                 batch.append(region)
                 counts[labels[region.label]] += 1
             if batch and (region is None or len(batch) >= _BATCH):
-                f.write(separator + ",\n".join(_features(batch, geometry, labels, colours, mpp)))
+                f.write(separator + ",\n".join(_features(batch, geometry, labels, colours, mpp, to_map)))
                 separator, batch = ",\n", []
         f.write("\n]}\n")
     _logger.info("%s: %s", path, ", ".join(f"{n} {name}" for name, n in counts.items() if n) or "no regions")
