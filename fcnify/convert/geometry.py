@@ -42,6 +42,9 @@ class Geometry:
         size_dependent_padding: "same" padding computed from the input size (TensorFlow-style models): the
             grid alignment depends on the input size.
         notes: reasons the geometry is approximate.
+        partial_windows: ceil-mode pools whose last window hangs over the training-size edge: at the training
+            size it holds fewer pixels, in a dense pass it sees image the crop does not have, so dense cells
+            approximate crops. Each cell still depends only on its receptive field (tiling stays exact).
     """
 
     stride: tuple[int, int]
@@ -53,11 +56,13 @@ class Geometry:
     global_context: bool = False
     size_dependent_padding: bool = False
     notes: tuple[str, ...] = field(default_factory=tuple)
+    partial_windows: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def exact(self) -> bool:
         """Whether every dense cell equals the original classifier on its window (up to rounding)."""
-        return not (self.padded or self.global_context or self.size_dependent_padding or self.notes)
+        return not (self.padded or self.global_context or self.size_dependent_padding or self.notes
+                    or self.partial_windows)
 
     def map_size(self, height: int, width: int) -> tuple[int, int]:
         """Cells of the score map for an input of ``height`` × ``width`` (exact for padding-free networks).
@@ -80,7 +85,7 @@ class Geometry:
             "stride": list(self.stride), "offset": list(self.offset), "window": list(self.window),
             "receptive_field": list(self.receptive_field), "rf_centre": list(self.rf_centre), "padded": self.padded,
             "global_context": self.global_context, "size_dependent_padding": self.size_dependent_padding,
-            "exact": self.exact, "notes": list(self.notes),
+            "exact": self.exact, "notes": list(self.notes), "partial_windows": list(self.partial_windows),
         }
 
     @classmethod
@@ -91,7 +96,7 @@ class Geometry:
             padded=bool(data.get("padded", False)),
             global_context=bool(data.get("global_context", False)),
             size_dependent_padding=bool(data.get("size_dependent_padding", False)),
-            notes=tuple(data.get("notes", ())),
+            notes=tuple(data.get("notes", ())), partial_windows=tuple(data.get("partial_windows", ())),
         )
 
 
@@ -108,6 +113,7 @@ class _Flags:
     global_context: bool = False
     size_dependent_padding: bool = False
     notes: list[str] = field(default_factory=list)
+    partial_windows: list[str] = field(default_factory=list)
 
 
 def _window_params(node: torch.fx.Node, name: str, module: nn.Module | None, in_hw, flags: _Flags):
@@ -130,7 +136,7 @@ def _window_params(node: torch.fx.Node, name: str, module: nn.Module | None, in_
         # larger image and sees pixels the crop does not have.
         overhang = [(-(i + 2 * pp - dd * (kk - 1) - 1)) % st for i, pp, kk, st, dd in zip(in_hw, p, k, s, d)]
         if any(overhang):
-            flags.notes.append(
+            flags.partial_windows.append(
                 f"ceil-mode pool '{node.name}' (kernel {k[0]}×{k[1]}, stride {s[0]}×{s[1]}) has a partial window at "
                 f"the training-size edge ({overhang[0]}×{overhang[1]} positions of its {in_hw[0]}×{in_hw[1]} input "
                 "missing): there a dense cell sees image that the crop does not")
@@ -230,7 +236,7 @@ def compute_geometry(gm: torch.fx.GraphModule, input_size: tuple[int, int], glob
         receptive_field=tuple(int(round(v)) for v in output_cell.rf),
         rf_centre=tuple(float(v) for v in output_cell.centre), padded=flags.padded,
         global_context=flags.global_context, size_dependent_padding=flags.size_dependent_padding,
-        notes=tuple(dict.fromkeys(flags.notes)),
+        notes=tuple(dict.fromkeys(flags.notes)), partial_windows=tuple(dict.fromkeys(flags.partial_windows)),
     )
 
 
