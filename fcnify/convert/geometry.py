@@ -22,6 +22,8 @@ from fcnify.convert.ops import node_arg, op_name, pair, window_params
 from fcnify.convert.trace import shape_of
 from fcnify.introspect import placement
 
+__all__ = ["compute_geometry", "Geometry", "SizeStep"]
+
 _logger = logging.getLogger(__name__)
 
 
