@@ -53,7 +53,7 @@ def make_images(folder: Path, count: int, size: int) -> list[str]:
 def run(quick: bool = False) -> list[dict]:
     """One run of each engine; a row per engine with images/s and the ratio to the local engine."""
     from fcnify.convert import convert
-    from fcnify.heatmap.pipeline import HeatmapOptions
+    from fcnify.heatmap.options import HeatmapOptions
     from fcnify.heatmap.ray_engine import RayOptions, ray_session
     from fcnify.heatmap.runners import run_job
     from fcnify.models import load_model

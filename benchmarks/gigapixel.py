@@ -119,7 +119,8 @@ def network_only(slide: Path, runtime: str) -> dict:
     from fcnify.cli import _convert, _load
     from fcnify.export import ModelMetadata
     from fcnify.heatmap import compute, plan
-    from fcnify.heatmap.pipeline import HeatmapOptions, ImageJob
+    from fcnify.heatmap.job import ImageJob
+    from fcnify.heatmap.options import HeatmapOptions
     from fcnify.heatmap.sources import open_source, open_view
 
     loaded = _load("digits", "default", None, None, False)

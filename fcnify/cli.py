@@ -14,7 +14,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import wraps
 from pathlib import Path
 from typing import Annotated
@@ -29,17 +29,18 @@ from fcnify import __version__
 from fcnify.convert import convert as convert_model
 from fcnify.errors import FcnifyError, InputError, InternalError, NotEquivalentError, OutputError, first_line
 from fcnify.export import ModelMetadata, save_pt2
-from fcnify.heatmap.multiscale import parse_scales
-from fcnify.heatmap.pipeline import HeatmapOptions
+from fcnify.heatmap.options import HeatmapOptions, validate_options
+from fcnify.heatmap.outputs import output_kind
 from fcnify.heatmap.ray_engine import RayOptions, require_ray
 from fcnify.heatmap.runners import ENGINES, run_job
-from fcnify.heatmap.sinks import output_kind
 from fcnify.images import fit_to_window, prepare, read_image
 from fcnify.inputs import ExpandedInputs, expand_inputs, read_manifest
 from fcnify.models import apply_preprocessing, load_model, require_input_size
 from fcnify.onnx_export import export_onnx
 from fcnify.verify import verify as run_verify
 from fcnify.verify import verify_converted
+
+__all__ = ["app", "main"]
 
 
 def _flags_without_type(params: list) -> list:
@@ -611,7 +612,7 @@ def heatmap(
     as_json: JsonOpt = False,
 ):
     """Compute dense class score maps and heatmaps for images and slides, tile by tile in bounded memory."""
-
+    arguments = dict(locals())  # the parameters, by name: those of HeatmapOptions become its fields
     items = list(images or [])
     for item in items:
         if item.lower() in _FLAG_VALUES and not Path(item).exists():
@@ -626,16 +627,8 @@ def heatmap(
                           "(<stem>.heatmap.png, …, or in an output folder)", highlight=False, soft_wrap=True)
     if not paths:
         raise InputError("no images given", hint="name image files or folders, or pass --manifest FILE")
-    options = HeatmapOptions(outdir=outdir, classes=tuple(classes or ()), top_k=top_k, cmap=cmap, alpha=alpha,
-                             vmin=vmin, vmax=vmax, normalize=normalize,
-                             scale=scale, max_pixels=max_pixels, device=device, precision=precision,
-                             batch_size=batch_size, tile=tile, max_memory=max_memory, output_stride=output_stride,
-                             scales=tuple(parse_scales(scales)) if scales else (), combine=combine, level=level,
-                             mpp=mpp, foreground=foreground, scores=scores, scores_dtype=scores_dtype,
-                             preview_size=preview_size, runtime=runtime, formats=formats, min_score=min_score,
-                             scores_levels=scores_levels, bands=bands, scale_range=scale_range,
-                             geojson_crs=geojson_crs)
-    options.validate()
+    options = validate_options(HeatmapOptions(**{f.name: arguments[f.name] for f in fields(HeatmapOptions)
+                                                 if f.name in arguments}))
     if engine not in ENGINES:
         raise InputError(f"unknown engine {engine!r}", hint="use --engine local or --engine ray")
     ray_options = RayOptions(address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker,
@@ -681,16 +674,7 @@ def heatmap(
                       TimeRemainingColumn(), console=err_console, transient=True) as progress:
             bars = _JobProgress(len(paths), progress, quiet)
             result = run_job(paths, fcn, geometry, loaded, options, progress=bars.tiles, finished=bars.image, **job)
-    rows, failed = result.rows, result.failed
-    megapixels = sum(row.megapixels for row in rows if row.status == "ok" and not row.skipped)
-    tiles = sum(row.tiles for row in rows if not row.skipped)
-    background = sum(row.tiles_background for row in rows if not row.skipped)
-    counts = {"ok": len(rows) - len(failed), "errors": len(failed), "skipped": result.skipped,
-              "processed": result.processed, "seconds": round(result.seconds, 3),
-              "images_per_second": round(result.images_per_second, 3), "engine": result.engine,
-              "megapixels_per_second": round(megapixels / result.seconds, 3) if result.seconds > 0 else None,
-              "background_fraction": round(background / tiles, 4) if tiles else None,
-              "summary": str(result.summary) if result.summary else None}
+    rows, failed, counts = result.rows, result.failed, result.totals()
     if as_json:
         print(json.dumps({"outdir": str(outdir), "rows": [row.to_dict() for row in rows], **counts,
                           "cluster": result.cluster}, indent=2, default=str))
@@ -698,9 +682,10 @@ def heatmap(
         ok_rows = [row for row in rows if row.status == "ok"]
         if ok_rows and len(rows) <= _TABLE_MAX_ROWS:
             console.print(_heatmap_table(ok_rows))  # failures follow, one line each
-        bg = f", {counts['background_fraction']:.0%} of tiles skipped as background" if tiles else ""
+        bg = (f", {counts['background_fraction']:.0%} of tiles skipped as background"
+              if counts["background_fraction"] is not None else "")
         console.print(f"{counts['ok']} ok, {len(failed)} failed ({result.skipped} skipped as complete); "
-                      f"{result.processed} images, {megapixels:.1f} Mpx in {result.seconds:.1f} s = "
+                      f"{result.processed} images, {counts['megapixels']:.1f} Mpx in {result.seconds:.1f} s = "
                       f"{counts['megapixels_per_second'] or 0:.2f} Mpx/s{bg} ({engine} engine)",
                       highlight=False)
         console.print(_written(rows, outdir, result.summary), highlight=False, soft_wrap=True)

@@ -25,7 +25,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from fcnify.errors import InputError, describe, first_line
 
 __all__ = [
-    "DEFAULT_MAX_PIXELS", "IMAGE_EXTENSIONS", "PreparedImage", "display_rgb", "fetch_uri", "is_image_path", "prepare",
+    "DEFAULT_MAX_PIXELS", "IMAGE_EXTENSIONS", "PIL_LOCK", "PreparedImage", "display_rgb", "fetch_uri", "is_image_path", "prepare",
     "read_any", "read_image",
 ]
 
@@ -40,7 +40,7 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 """Lower-case file suffixes (with the dot) of every format Pillow can open, e.g. ``.png``, ``.jpg``."""
 
 # Pillow's limits are module globals: they are only changed while this lock is held, and restored after.
-_PIL_LOCK = threading.RLock()
+PIL_LOCK = threading.RLock()
 
 _MODES = {1: "L", 3: "RGB"}
 
@@ -100,7 +100,7 @@ def read_image_bytes(data: bytes, name: str, max_pixels: int | None = None) -> I
 
 def _decode(source, name, limit: int) -> Image.Image:
     """Decode fully under the pixel limit with truncated images refused, then apply EXIF orientation."""
-    with _PIL_LOCK:  # Pillow's limits are globals: change them only under the lock, and restore them
+    with PIL_LOCK:  # Pillow's limits are globals: change them only under the lock, and restore them
         old_limit, old_truncated = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
         Image.MAX_IMAGE_PIXELS = limit or None
         ImageFile.LOAD_TRUNCATED_IMAGES = False

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fcnify.errors import InputError
-from fcnify.heatmap.sinks import is_output_name
+from fcnify.heatmap.outputs import is_output_name
 from fcnify.heatmap.summary import SUMMARY_NAME
 from fcnify.images import IMAGE_EXTENSIONS
 
@@ -51,7 +51,7 @@ def expand_inputs(items: list[str], outdir: str | os.PathLike | None = None) -> 
 
     Order is kept and duplicates are dropped. A folder or pattern that matches no image is an error.
     fcnify's own outputs are never inputs (``x.heatmap.png`` would become ``x.heatmap.heatmap.png`` on the
-    next run): files named as outputs (``sinks.is_output_name``), and in a folder, everything under the
+    next run): files named as outputs (``outputs.is_output_name``), and in a folder, everything under the
     ``outdir`` of this job or under a folder holding an earlier job's ``summary.parquet``.
     """
     paths: list[str] = []

@@ -40,6 +40,11 @@ from fcnify.loaded import ASSUMED, FROM_FLAG, FROM_METADATA, FROM_ZOO, LoadedMod
 from fcnify.onnx_runtime import OnnxClassifier, has_fcnify_metadata, load_onnx_model
 from fcnify.optional import require
 
+__all__ = [
+    "IMAGENET_MEAN", "IMAGENET_STD", "MODEL_FORMATS", "STATE_DICT_SUFFIXES", "apply_preprocessing",
+    "load_model", "output_channels", "parse_floats", "read_labels", "require_input_size", "user_code_path"
+]
+
 _logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

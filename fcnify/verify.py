@@ -21,6 +21,11 @@ from fcnify.convert.outputs import flatten_outputs
 from fcnify.errors import NotEquivalentError
 from fcnify.onnx_export import verify_onnx
 
+__all__ = [
+    "DENSE_EXACT_RTOL", "FP32_RTOL", "FP64_RTOL", "Agreement", "check_dense", "check_training_size",
+    "compare_outputs", "DenseAgreement", "EquivalenceReport", "verify", "verify_converted"
+]
+
 _logger = logging.getLogger(__name__)
 
 FP64_RTOL = 1e-7  # float64 rounding of re-ordered sums stays many orders below this

@@ -12,9 +12,11 @@ from PIL import Image
 from torch import nn
 
 from fcnify.convert import convert
+from fcnify.heatmap.job import ImageJob
 from fcnify.heatmap.legend import legend_height
 from fcnify.heatmap.local import run_paths
-from fcnify.heatmap.pipeline import HeatmapOptions, ImageJob, output_stems
+from fcnify.heatmap.options import HeatmapOptions
+from fcnify.heatmap.outputs import output_stems
 
 LABELS = tuple(f"class{i}" for i in range(10)) + ("background",)
 MEAN, STD = (0.5,), (0.25,)

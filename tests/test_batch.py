@@ -20,7 +20,10 @@ from typer.testing import CliRunner
 
 from fcnify.cli import app
 from fcnify.errors import InputError, MissingDependencyError
-from fcnify.heatmap.pipeline import HeatmapOptions, ImageJob, expected_outputs, run_image
+from fcnify.heatmap.job import ImageJob
+from fcnify.heatmap.options import HeatmapOptions
+from fcnify.heatmap.outputs import expected_outputs
+from fcnify.heatmap.pipeline import run_image
 from fcnify.heatmap.ray_engine import RayOptions
 from fcnify.heatmap.runners import run_job
 from fcnify.heatmap.summary import read_summary, rows_to_table, summary_schema, table_to_rows

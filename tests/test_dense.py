@@ -16,14 +16,8 @@ from heatmap_helpers import (
 )
 from PIL import Image
 
-from fcnify.dense import (
-    ScoreMap,
-    check_precision,
-    cpu_bf16_convolutions_are_accurate,
-    score_map,
-    score_maps,
-    select_device,
-)
+from fcnify.dense import ScoreMap, score_map, score_maps
+from fcnify.device import check_precision, cpu_bf16_convolutions_are_accurate, select_device
 from fcnify.errors import InputError
 from fcnify.images import prepare
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from fcnify.errors import InputError
-from fcnify.heatmap.sinks import is_output_name
+from fcnify.heatmap.outputs import is_output_name
 from fcnify.inputs import expand_inputs
 
 

@@ -18,7 +18,9 @@ from fcnify.convert.geometry import Geometry
 from fcnify.dense import with_output_stride
 from fcnify.export import ModelMetadata, save_pt2
 from fcnify.heatmap import plan
-from fcnify.heatmap.pipeline import HeatmapOptions, ImageJob, ModelInfo, run_image
+from fcnify.heatmap.job import ImageJob, ModelInfo
+from fcnify.heatmap.options import HeatmapOptions
+from fcnify.heatmap.pipeline import run_image
 from fcnify.models import load_model
 from fcnify.onnx_export import export_onnx
 from fcnify.zoo.digits import DigitsNet

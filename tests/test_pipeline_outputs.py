@@ -25,8 +25,11 @@ from heatmap_helpers import (
 from PIL import Image
 
 from fcnify.errors import InputError, OutputError
+from fcnify.heatmap.job import ImageJob, resolve_classes
 from fcnify.heatmap.legend import legend_height
-from fcnify.heatmap.pipeline import HeatmapOptions, ImageJob, output_stems, resolve_classes, run_image
+from fcnify.heatmap.options import HeatmapOptions, validate_options
+from fcnify.heatmap.outputs import output_stems
+from fcnify.heatmap.pipeline import run_image
 from fcnify.heatmap.render import upsample_to_image
 from fcnify.heatmap.runners import run_job
 
@@ -267,7 +270,7 @@ def _no_space(*args, **kwargs):
     raise OSError(28, "No space left on device")
 
 
-@pytest.mark.parametrize("where", ["numpy.savez_compressed", "fcnify.heatmap.pipeline.classes_figure"])
+@pytest.mark.parametrize("where", ["numpy.savez_compressed", "fcnify.heatmap.finish.classes_figure"])
 def test_a_failure_mid_image_leaves_no_file(tmp_path, monkeypatch, where):
     """A write failing after the heatmap (the figure or the score file) is the image's error row; the files
     already written to temporaries are removed, and earlier outputs stay as they were."""
@@ -379,7 +382,7 @@ def test_peak_trackers_of_tiles_merge_into_the_whole_maps_tracker():
 def test_tiny_and_padded_images_classes_png_fill_their_panels(tmp_path, monkeypatch, size):
     """A 20×50 image and a 28×28 one (the window is 32: both padded): classes.png is written, and in its figure
     every picture's extent equals its axes' limits and the axes box has the picture's aspect."""
-    import fcnify.heatmap.pipeline as pipeline
+    import fcnify.heatmap.finish as finish
 
     figures = []
 
@@ -387,8 +390,8 @@ def test_tiny_and_padded_images_classes_png_fill_their_panels(tmp_path, monkeypa
         figures.append(pipeline_figure(*args, **kwargs))
         return figures[-1]
 
-    pipeline_figure = pipeline.classes_figure
-    monkeypatch.setattr(pipeline, "classes_figure", keep)
+    pipeline_figure = finish.classes_figure
+    monkeypatch.setattr(finish, "classes_figure", keep)
     image_path = save(noise_image(size=size), tmp_path / "tiny.png")
     row = run_images([image_path], tmp_path / "out", top_k=2)[0]
     assert row.status == "ok" and row.padded
@@ -546,7 +549,7 @@ def test_unknown_class_and_bad_options_fail_before_any_image(tmp_path, options, 
     fcn = converted_small()
     if "classes" not in options and "precision" not in options:
         with pytest.raises(InputError, match=fragment):
-            HeatmapOptions(outdir=tmp_path / "out", **options).validate()
+            validate_options(HeatmapOptions(outdir=tmp_path / "out", **options))
     with pytest.raises(InputError, match=fragment):
         run_images([image_path], tmp_path / "out", fcn=fcn, **options)
     with pytest.raises(InputError, match=fragment):
@@ -582,7 +585,7 @@ def test_outdir_that_is_a_file_or_cannot_be_created(tmp_path):
 def test_outdir_refused_when_access_says_unwritable(tmp_path, monkeypatch):
     """The writability check, made to fail even as root: nothing is read or written."""
     image_path = save(noise_image(), tmp_path / "x.png")
-    monkeypatch.setattr("fcnify.heatmap.pipeline.os.access", lambda path, mode: False)
+    monkeypatch.setattr("fcnify.heatmap.outputs.os.access", lambda path, mode: False)
     with pytest.raises(OutputError, match="not writable"):
         run_images([image_path], tmp_path / "out")
     assert _files(tmp_path / "out") == []

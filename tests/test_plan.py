@@ -21,6 +21,7 @@ from fcnify.convert.geometry import Geometry
 from fcnify.dense import score_map
 from fcnify.errors import InputError
 from fcnify.heatmap import compute, plan
+from fcnify.heatmap.job import ImageJob
 from fcnify.heatmap.memory import (
     DEFAULT_TILE_BUDGET,
     MAX_TILE_SIDE,
@@ -30,7 +31,7 @@ from fcnify.heatmap.memory import (
     parse_tile,
     tile_side,
 )
-from fcnify.heatmap.pipeline import HeatmapOptions, ImageJob
+from fcnify.heatmap.options import HeatmapOptions
 from fcnify.images import prepare
 from fcnify.zoo.digits import DigitsNet
 

@@ -21,8 +21,9 @@ from slides import write_slide
 from typer.testing import CliRunner
 
 from fcnify.cli import app
-from fcnify.heatmap import sinks, viewers
-from fcnify.heatmap.pipeline import HeatmapOptions, expected_outputs
+from fcnify.heatmap import outputs, viewers
+from fcnify.heatmap.options import HeatmapOptions, validate_options
+from fcnify.heatmap.outputs import expected_outputs
 from fcnify.heatmap.previews import colour_lut
 
 runner = CliRunner()
@@ -250,7 +251,7 @@ def test_bad_format_options_are_one_clear_line(tmp_path, args, message):
     assert result.exit_code == 1
     assert message in " ".join(result.output.split())
     with pytest.raises(Exception, match="did you mean geojson"):
-        HeatmapOptions(outdir=tmp_path, formats="png,scores,gejson").validate()
+        validate_options(HeatmapOptions(outdir=tmp_path, formats="png,scores,gejson"))
 
 
 def test_stale_geojson_temporaries_are_removed_but_not_another_stems(tmp_path):
@@ -259,7 +260,7 @@ def test_stale_geojson_temporaries_are_removed_but_not_another_stems(tmp_path):
     overlay = tmp_path / ".case.heatmap.ome.abcd1234.tmp.tif"
     for path in (mine, other, overlay):
         path.write_text("{}")
-    sinks.remove_stale(tmp_path, "case", keep_partial=False)
+    outputs.remove_stale(tmp_path, "case", keep_partial=False)
     assert not mine.exists() and not overlay.exists() and other.exists()
 
 

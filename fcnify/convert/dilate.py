@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fcnify.convert.analysis import analyse
-from fcnify.convert.geometry import _is_opaque
+from fcnify.convert.geometry import is_opaque
 from fcnify.convert.network import FullyConvolutionalNet
 from fcnify.convert.ops import WindowParams, explicit_padding, node_arg, op_name, pair, window_params
 from fcnify.convert.outputs import OutputInfo
@@ -218,7 +218,7 @@ class _DilationPass:
             else:
                 if any(self.grid[n].fine != self.grid[src].fine for n in spatial):
                     raise _refuse(node, "it merges maps that are not equally fine")
-                self._after_cut(node, name, module, src, in_dims, out_dims, shapes, _is_opaque)
+                self._after_cut(node, name, module, src, in_dims, out_dims, shapes, is_opaque)
         return self.gm
 
     def _window_op(self, node, name: str, module, grid_in: _Grid) -> None:

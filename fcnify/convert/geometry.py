@@ -22,7 +22,7 @@ from fcnify.convert.ops import node_arg, op_name, pair, window_params
 from fcnify.convert.trace import shape_of
 from fcnify.introspect import placement
 
-__all__ = ["compute_geometry", "Geometry", "SizeStep"]
+__all__ = ["compute_geometry", "Geometry", "is_opaque", "SizeStep"]
 
 _logger = logging.getLogger(__name__)
 
@@ -314,7 +314,7 @@ def compute_geometry(gm: torch.fx.GraphModule, input_size: tuple[int, int], glob
                                     c.rf, _then(c.steps, pad_step))
                 continue
         if in_hw is None or out_hw is None or in_hw == out_hw:
-            if _is_opaque(node, modules):
+            if is_opaque(node, modules):
                 flags.notes.append(f"node '{node.name}' ({name}) is opaque to fcnify; it is assumed to look only "
                                    "at nearby positions")
             cells[node] = _merge(inputs, node, flags)
@@ -357,7 +357,7 @@ def _checked_steps(steps: tuple[SizeStep, ...] | None, input_size: tuple[int, in
 _TORCH_MODULES = ("torch", "_operator", "operator", "builtins", "math")
 
 
-def _is_opaque(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+def is_opaque(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
     """An op fcnify cannot see into: a leaf module from outside torch.nn, or a wrapped non-torch function."""
     if node.op == "call_module":  # subclasses of torch.nn layers (timm's BatchNormAct2d) are known
         return not any(cls.__module__.startswith("torch.nn") and cls is not nn.Module

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from fcnify.convert.from_export import rebuild_modules
-from fcnify.dense import _forward, _guarded, check_precision, place_model, select_device
+from fcnify.device import check_precision, guarded_forward, place_model, run_network, select_device
 from fcnify.errors import InputError, InternalError
 from fcnify.heatmap.plan import ForegroundMask, NetworkBounds, Tile, TilePlan, tile_span
 from fcnify.heatmap.scoremap import check_class_count
@@ -104,7 +104,7 @@ class TileNetwork:
 
     def run(self, batch: torch.Tensor) -> torch.Tensor:
         """N×C×H×W normalised input → N×K×h×w float32 logits on the CPU (one-line errors)."""
-        return _guarded(lambda: _forward(self.module, batch, self.device, self.dtype), batch.shape, len(batch))
+        return guarded_forward(lambda: run_network(self.module, batch, self.device, self.dtype), batch.shape, len(batch))
 
 
 def choose_runtime(fcn: nn.Module, metadata, runtime: str, device: torch.device, precision: str,

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 
-from fcnify.heatmap.pipeline import ImageJob, SummaryRow, TileProgress, run_image
+from fcnify.heatmap.job import ImageJob
+from fcnify.heatmap.pipeline import TileProgress, run_image
+from fcnify.heatmap.summary import SummaryRow
 
 __all__ = ["readable_path", "run_paths"]
 

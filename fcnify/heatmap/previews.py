@@ -21,7 +21,7 @@ from PIL import Image
 from fcnify.heatmap.legend import ColourRange
 from fcnify.heatmap.render import colormap, label_colours
 
-__all__ = ["Previews", "classes_figure", "colour_lut", "panel_side", "preview_shape", "render_previews"]
+__all__ = ["BilinearAxis", "Previews", "bilinear_sample", "classes_figure", "colour_lut", "panel_side", "preview_shape", "render_previews"]
 
 #: Bytes of map rows held at once while rendering.
 _BAND_BYTES = 64 * 2**20
@@ -47,7 +47,7 @@ def _cell_coords(n_out: int, length: int, cells: int, stride: float, offset: flo
 
 
 @dataclass
-class _Axis:
+class BilinearAxis:
     """Bilinear sampling positions along one axis."""
 
     low: np.ndarray
@@ -56,14 +56,14 @@ class _Axis:
     nearest: np.ndarray
 
     @classmethod
-    def of(cls, coords: np.ndarray, cells: int) -> _Axis:
+    def of(cls, coords: np.ndarray, cells: int) -> BilinearAxis:
         low = np.floor(coords).astype(np.int64)
         high = np.minimum(low + 1, cells - 1)
         nearest = np.clip(np.floor(coords + 0.5).astype(np.int64), 0, cells - 1)
         return cls(low, high, (coords - low).astype(np.float32), nearest)
 
 
-def _bilinear(block: np.ndarray, first: int, ys: _Axis, rows: np.ndarray, xs: _Axis) -> np.ndarray:
+def bilinear_sample(block: np.ndarray, first: int, ys: BilinearAxis, rows: np.ndarray, xs: BilinearAxis) -> np.ndarray:
     """NaN-aware bilinear samples of a C×R×w block (map rows from ``first``) at output ``rows`` × all columns."""
     valid = ~np.isnan(block)
     values = np.where(valid, block, 0.0).astype(np.float32)
@@ -119,9 +119,9 @@ def render_previews(scores, geometry, image: np.ndarray, image_size: tuple[int, 
     lut = colour_lut(cmap)
     axes = {}
     for name, out in (("preview", shape), ("panel", panel_shape)):
-        ys = _Axis.of(_cell_coords(out[0], image_size[0], cells_h, geometry.stride[0], geometry.offset[0],
+        ys = BilinearAxis.of(_cell_coords(out[0], image_size[0], cells_h, geometry.stride[0], geometry.offset[0],
                                    geometry.window[0]), cells_h)
-        xs = _Axis.of(_cell_coords(out[1], image_size[1], cells_w, geometry.stride[1], geometry.offset[1],
+        xs = BilinearAxis.of(_cell_coords(out[1], image_size[1], cells_w, geometry.stride[1], geometry.offset[1],
                                    geometry.window[1]), cells_w)
         axes[name] = (ys, xs)
     overlays = {k: image.copy() for k in draw}
@@ -137,13 +137,13 @@ def render_previews(scores, geometry, image: np.ndarray, image_size: tuple[int, 
         # A few hundred preview rows at a time: the float intermediates of a 4096-px-wide band stay small.
         for begin in range(0, len(rows) if draw else 0, _PREVIEW_ROWS):
             chunk = rows[begin:begin + _PREVIEW_ROWS]
-            heat = _bilinear(drawn, first, ys, chunk, xs)
+            heat = bilinear_sample(drawn, first, ys, chunk, xs)
             for index, k in enumerate(draw):
                 _blend_rows(overlays[k], chunk, heat[index], lut, alpha, ranges.get(k, ColourRange()))
         ys, xs = axes["panel"]
         rows = np.nonzero((ys.low >= first) & (ys.low < last))[0]
         if len(rows) and panel_classes:
-            heat = _bilinear(block[list(panel_classes)], first, ys, rows, xs)
+            heat = bilinear_sample(block[list(panel_classes)], first, ys, rows, xs)
             for index, k in enumerate(panel_classes):
                 panels[k][rows] = heat[index]
         rows = np.nonzero((ys.nearest >= first) & (ys.nearest < last))[0]

@@ -30,23 +30,23 @@ from pathlib import Path
 
 import torch
 
-from fcnify.dense import check_precision
+from fcnify.device import check_precision
 from fcnify.errors import EngineError, ExportError, FcnifyError, InputError, InternalError, first_line
 from fcnify.export import ModelMetadata, save_pt2
 from fcnify.heatmap.geo import open_source
+from fcnify.heatmap.job import ImageJob, ModelInfo, resolve_classes
 from fcnify.heatmap.local import readable_path, run_paths
-from fcnify.heatmap.pipeline import (
-    HeatmapOptions,
-    ImageJob,
-    ImageRun,
-    ModelInfo,
-    SummaryRow,
-    TileShard,
-    compute_shard,
-    resolve_classes,
-)
+from fcnify.heatmap.options import HeatmapOptions
+from fcnify.heatmap.pipeline import ImageRun, TileShard, compute_shard
 from fcnify.heatmap.sources import open_view
-from fcnify.heatmap.summary import SUMMARY_NAME, JobResult, clear_summary, rows_to_table, table_to_rows
+from fcnify.heatmap.summary import (
+    SUMMARY_NAME,
+    JobResult,
+    SummaryRow,
+    clear_summary,
+    rows_to_table,
+    table_to_rows,
+)
 from fcnify.models import load_model
 from fcnify.optional import require
 

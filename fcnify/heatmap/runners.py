@@ -15,17 +15,13 @@ from pathlib import Path
 
 from fcnify.errors import InputError
 from fcnify.heatmap.compute import check_channels
+from fcnify.heatmap.job import ImageJob, ModelInfo
 from fcnify.heatmap.local import run_paths
-from fcnify.heatmap.pipeline import (
-    HeatmapOptions,
-    ImageJob,
-    ModelInfo,
-    SummaryRow,
-    TileProgress,
-    output_stems,
-)
+from fcnify.heatmap.options import HeatmapOptions, validate_options
+from fcnify.heatmap.outputs import output_stems
+from fcnify.heatmap.pipeline import TileProgress
 from fcnify.heatmap.ray_engine import RayOptions, run_ray
-from fcnify.heatmap.summary import JobResult, rows_to_table, write_summary
+from fcnify.heatmap.summary import JobResult, SummaryRow, rows_to_table, write_summary
 
 __all__ = ["ENGINES", "run_job"]
 
@@ -80,7 +76,7 @@ def run_job(paths: Sequence[str], fcn, geometry, loaded, options: HeatmapOptions
     """
     if engine not in ENGINES:
         raise InputError(f"unknown engine {engine!r}", hint="use --engine local or --engine ray")
-    options.validate()
+    options = validate_options(options)
     paths = [str(p) for p in paths]
     stems = output_stems(paths)  # once, over all inputs: every engine and worker uses the same names
     model = ModelInfo.of(loaded)

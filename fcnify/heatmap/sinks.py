@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -30,41 +29,19 @@ import zarr
 
 from fcnify.atomic import temp_beside
 from fcnify.errors import OutputError
+from fcnify.heatmap.mapgeometry import MapGeometry
+from fcnify.heatmap.outputs import PARTIAL_SUFFIX
 from fcnify.heatmap.plan import Tile, TilePlan
 from fcnify.heatmap.viewers import ngff_attrs, write_ngff_levels
 
-__all__ = ["ArraySink", "SCORE_DTYPES", "Staged", "TileWriter", "ZarrSink", "is_output_name", "open_scores", "output_kind",
+__all__ = ["ArraySink", "SCORE_DTYPES", "Staged", "TileWriter", "ZarrSink", "open_scores",
            "partial_path", "read_store_attrs", "write_npz"]
 
 _logger = logging.getLogger(__name__)
 
 SCORE_DTYPES = ("float32", "float16")
 DONE_LOG = "fcnify-done.log"
-#: The second part of every output name, ``<stem>.<kind>…``.
-OUTPUT_KINDS = ("heatmap", "classes", "scores", "mask")
-#: Outputs whose temporaries are ``.<stem>.XXXXXXXX.tmp<suffix>`` (``atomic.temp_beside`` of ``<stem><suffix>``).
-STEM_SUFFIXES = (".geojson",)
-PARTIAL_SUFFIX = ".partial"
 
-
-def output_kind(name: str) -> str | None:
-    """The part of an output's file name after its stem (``.heatmap.png``, ``.scores.zarr``, ``.geojson``), or
-    None for a name that is not one of fcnify's outputs: ``<stem>.<kind>[.…].<ext>`` for a kind of
-    ``OUTPUT_KINDS`` (heatmaps and their OME-TIFF overlays, class panels, masks, scores) or ``<stem><suffix>``
-    for ``STEM_SUFFIXES`` (GeoJSON)."""
-    parts = name.split(".")
-    for i, part in enumerate(parts[1:-1], 1):
-        if part in OUTPUT_KINDS:
-            return "." + ".".join(parts[i:])
-    for suffix in STEM_SUFFIXES:
-        if name.endswith(suffix) and len(name) > len(suffix):
-            return suffix
-    return None
-
-
-def is_output_name(name: str) -> bool:
-    """Whether a file name is one of fcnify's outputs (see ``output_kind``)."""
-    return output_kind(name) is not None
 
 
 # ------------------------------------------------------------------------------------------------ staging
@@ -146,35 +123,35 @@ def _replace_folder(built: Path, target: Path) -> None:
 
 @dataclass
 class MapAttrs:
-    """What the score files say about their map (all geometry in level-0 pixels)."""
+    """What the score files say about their map: the labels, where its cells lie (level-0 pixels), the image.
+
+    Attributes:
+        labels: the class names, one per band of the map.
+        geometry: cell (i, j) ↔ its window, in level-0 pixels.
+        image_size: the image's level-0 (height, width).
+        level, downsample, mpp: the resolution the map was computed at.
+        extra: every other attribute (receptive field, exactness, preprocessing, foreground, georeferencing).
+    """
 
     labels: tuple[str, ...]
-    stride: tuple
-    offset: tuple
-    window: tuple
+    geometry: MapGeometry
     image_size: tuple[int, int]
     level: int
     downsample: tuple[float, float]
     mpp: tuple[float, float] | None
     extra: dict = field(default_factory=dict)
 
-    def geometry_arrays(self) -> dict[str, np.ndarray]:
-        values = {name: getattr(self, name) for name in ("stride", "offset", "window")}
-        exact = all(isinstance(v, (int, np.integer)) for value in values.values() for v in value)
-        dtype = np.int64 if exact else np.float64
-        return {name: np.asarray(value, dtype=dtype) for name, value in values.items()}
-
     def to_json(self) -> dict:
-        return {"labels": list(self.labels), "stride": list(self.stride), "offset": list(self.offset),
-                "window": list(self.window), "image_size": list(self.image_size), "level": int(self.level),
-                "downsample": list(self.downsample), "mpp": list(self.mpp) if self.mpp else None, **self.extra}
+        return {"labels": list(self.labels), **self.geometry.to_json(), "image_size": list(self.image_size),
+                "level": int(self.level), "downsample": list(self.downsample),
+                "mpp": list(self.mpp) if self.mpp else None, **self.extra}
 
 
 # ------------------------------------------------------------------------------------------------- sinks
 
 
 class ArraySink:
-    """The whole map in memory (small images: the rule in ``pipeline.choose_scores_format``)."""
+    """The whole map in memory (small images: the rule in ``outputs.choose_scores_format``)."""
 
     def __init__(self, classes: int, map_size: tuple[int, int]):
         self.scores = np.full((classes, *map_size), np.nan, dtype=np.float32)
@@ -208,7 +185,7 @@ def write_npz(path: Path, scores: np.ndarray, attrs: MapAttrs, summary: dict | N
             image_size=np.asarray(attrs.image_size, dtype=np.int64), level=np.int64(attrs.level),
             downsample=np.asarray(attrs.downsample, dtype=np.float64),
             mpp=np.asarray(attrs.mpp if attrs.mpp else (np.nan, np.nan), dtype=np.float64),
-            **attrs.geometry_arrays(), **extra, attributes=np.asarray(json.dumps(attrs.to_json(), default=str)),
+            **attrs.geometry.arrays(), **extra, attributes=np.asarray(json.dumps(attrs.to_json(), default=str)),
             summary=np.asarray(json.dumps(summary or {}, default=str)),
         )
 
@@ -342,31 +319,6 @@ def open_scores(path: str | os.PathLike):
             return data["scores"], attrs
     group = zarr.open_group(str(path), mode="r")
     return group["scores"], dict(group.attrs)
-
-
-def remove_stale(outdir: Path, stem: str, keep_partial: bool) -> None:
-    """Delete temporaries a killed run left for ``stem`` (``.<stem>.*.tmp*`` files, old store folders) and,
-    unless resuming, its partial store."""
-    base = (outdir / stem)
-    folder = base.parent
-    if not folder.is_dir():
-        return
-    # Only this stem's own outputs: "a" must not touch the temporaries of an image named "a.b".
-    prefixes = tuple(f".{base.name}.{kind}" for kind in OUTPUT_KINDS)
-    beside = re.compile(rf"\.{re.escape(base.name)}\.[a-z0-9_]{{8}}\.tmp({'|'.join(map(re.escape, STEM_SUFFIXES))})$")
-    for entry in folder.iterdir():
-        if beside.match(entry.name) and entry.is_file():
-            entry.unlink(missing_ok=True)
-            continue
-        if not entry.name.startswith(prefixes):
-            continue
-        if entry.name.endswith(PARTIAL_SUFFIX):
-            if not keep_partial:
-                shutil.rmtree(entry, ignore_errors=True)
-        elif ".tmp" in entry.name and entry.is_file():
-            entry.unlink(missing_ok=True)
-        elif ".old-" in entry.name and entry.is_dir():
-            shutil.rmtree(entry, ignore_errors=True)
 
 
 def status_grid(plan: TilePlan, computed: Sequence[bool]) -> np.ndarray:

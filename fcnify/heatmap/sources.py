@@ -586,7 +586,7 @@ def _pillow_identifies(path: str) -> bool:
     """Whether Pillow recognises the file (header only; the real decode and its checks come later)."""
     # Pillow's pixel limit is a global: lift it only under images' lock, so that identifying a large image
     # neither fails here nor disturbs another thread's decode
-    with images._PIL_LOCK:
+    with images.PIL_LOCK:
         old = Image.MAX_IMAGE_PIXELS
         Image.MAX_IMAGE_PIXELS = None
         try:

@@ -9,17 +9,90 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fcnify.atomic import temp_beside
 from fcnify.errors import OutputError
-from fcnify.heatmap.pipeline import ClassPeak, SummaryRow
 
-__all__ = ["JobResult", "SUMMARY_NAME", "clear_summary", "read_summary", "rows_to_table", "summary_schema", "table_to_rows",
+__all__ = ["ClassPeak", "JobResult", "SummaryRow", "SUMMARY_NAME", "clear_summary", "read_summary", "rows_to_table", "summary_schema", "table_to_rows",
            "write_summary"]
 
 SUMMARY_NAME = "summary.parquet"
+
+
+@dataclass(frozen=True)
+class ClassPeak:
+    """A class's best cell in one image: peak probability and its window centre (y, x) in level-0 pixels."""
+
+    index: int
+    label: str
+    score: float
+    y: float
+    x: float
+
+
+@dataclass
+class SummaryRow:
+    """One input's outcome (a row of ``summary.parquet``).
+
+    Attributes:
+        path: the input path as given.
+        status: ``"ok"`` or ``"error"``.
+        error: the error message (with its hint) when ``status`` is ``"error"``.
+        image_size: the image's level-0 (height, width), when it was read.
+        map_size: the score map's (rows, cols).
+        padded: the image was smaller than the window and was padded.
+        top: the top-k classes by peak probability.
+        outputs: the files written.
+        skipped: a resumed job found the outputs complete and did not redo them.
+        level, downsample, mpp: the resolution computed at (level-0 pixels per pixel; µm per pixel).
+        tiles, tiles_computed, tiles_background, tiles_resumed: the tile counts.
+        background_fraction: the share of tiles skipped as background.
+        foreground: the mask mode applied (``auto`` or ``all``, after ``default`` was resolved).
+        cells_masked, masked_fraction: map cells left NaN as background, and their share of the map.
+        pixels_saved: the share of input pixels (halos included) not pushed through the network because of the
+            mask, against computing every cell.
+        seconds: time spent on the image; megapixels: its pixels at the resolution computed at.
+        runtime: torch or onnxruntime; scores_format: npz or zarr.
+        preprocessing: the mean and std the images were normalised with.
+        output, output_names: the model output the map is (``--output``) and all the model's outputs.
+    """
+
+    path: str
+    status: str
+    error: str | None = None
+    image_size: tuple[int, int] | None = None
+    map_size: tuple[int, int] | None = None
+    padded: bool = False
+    top: tuple[ClassPeak, ...] = ()
+    outputs: tuple[str, ...] = field(default_factory=tuple)
+    skipped: bool = False
+    level: int | None = None
+    downsample: float | None = None
+    mpp: float | None = None
+    tiles: int = 0
+    tiles_computed: int = 0
+    tiles_background: int = 0
+    tiles_resumed: int = 0
+    background_fraction: float | None = None
+    foreground: str | None = None
+    cells_masked: int = 0
+    masked_fraction: float | None = None
+    pixels_saved: float | None = None
+    seconds: float = 0.0
+    megapixels: float = 0.0
+    runtime: str | None = None
+    scores_format: str | None = None
+    preprocessing: dict = field(default_factory=dict)
+    output: str | None = None
+    output_names: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["top"] = [asdict(peak) for peak in self.top]
+        data["outputs"] = list(self.outputs)
+        return data
 
 
 @dataclass
@@ -53,6 +126,21 @@ class JobResult:
     @property
     def images_per_second(self) -> float:
         return self.processed / self.seconds if self.seconds > 0 else float("nan")
+
+    def totals(self) -> dict:
+        """The job in figures (the report's JSON keys): images ok, failed, skipped and run, time and throughput,
+        megapixels computed and the share of tiles skipped as background (None without tiles)."""
+        ran = [row for row in self.rows if not row.skipped]
+        megapixels = sum(row.megapixels for row in ran if row.status == "ok")
+        tiles = sum(row.tiles for row in ran)
+        background = sum(row.tiles_background for row in ran)
+        return {"ok": len(self.rows) - len(self.failed), "errors": len(self.failed), "skipped": self.skipped,
+                "processed": self.processed, "seconds": round(self.seconds, 3),
+                "images_per_second": round(self.images_per_second, 3), "engine": self.engine,
+                "megapixels": round(megapixels, 3),
+                "megapixels_per_second": round(megapixels / self.seconds, 3) if self.seconds > 0 else None,
+                "background_fraction": round(background / tiles, 4) if tiles else None,
+                "summary": str(self.summary) if self.summary else None}
 
 
 def summary_schema():

@@ -32,18 +32,16 @@ import tifffile
 import zarr
 
 from fcnify.heatmap.legend import ColourRange
-from fcnify.heatmap.previews import _Axis, _bilinear
+from fcnify.heatmap.mapgeometry import MapGeometry
+from fcnify.heatmap.previews import BilinearAxis, bilinear_sample
 from fcnify.heatmap.render import label_colours
 from fcnify.optional import require
 
-__all__ = ["FORMATS", "background_classes", "level_path", "ngff_attrs", "write_ngff_levels", "overlay_levels", "parse_formats", "polygonize",
+__all__ = ["background_classes", "level_path", "ngff_attrs", "write_ngff_levels", "overlay_levels", "polygonize",
            "write_geojson", "write_ome_tiff"]
 
 _logger = logging.getLogger(__name__)
 
-#: What ``--formats`` may name: previews, the score store, QuPath annotations, the OME-TIFF overlay, the score
-#: map as a Cloud-Optimized GeoTIFF (``cog``; georeferenced scenes get it without asking).
-FORMATS = ("png", "scores", "geojson", "ome-tiff", "geotiff")
 #: Bytes of map rows read at once (the polygonizer holds a few times this).
 _BAND_BYTES = 32 * 2**20
 #: Regions encoded together (shapely's vectorised placing and GeoJSON encoding).
@@ -53,36 +51,9 @@ TIFF_TILE = 256
 SMALLEST_LEVEL = 1024
 
 
-def parse_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
-    """``"png,scores,geojson"`` (or a sequence of names) as a tuple without duplicates, order kept."""
-    items = formats.split(",") if isinstance(formats, str) else [str(v) for v in formats]
-    result: list[str] = []
-    for item in (v.strip().lower() for v in items):
-        if item and item not in result:
-            result.append(item)
-    return tuple(result)
-
-
 def background_classes(labels: Sequence[str]) -> set[int]:
     """The classes no annotation is drawn for: those named "background" (any case)."""
     return {k for k, name in enumerate(labels) if str(name).strip().lower() == "background"}
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """A map's geometry in level-0 pixels (y, x)."""
-
-    stride: tuple[float, float]
-    offset: tuple[float, float]
-    window: tuple[float, float]
-
-    @classmethod
-    def of(cls, attrs: dict) -> Geometry:
-        return cls(*(tuple(float(v) for v in attrs[name]) for name in ("stride", "offset", "window")))
-
-    def corner(self, axis: int) -> float:
-        """Level-0 coordinate of cell 0's square's top (0) or left (1) edge."""
-        return self.offset[axis] + self.window[axis] / 2 - self.stride[axis] / 2
 
 
 def level0_mpp(attrs: dict) -> tuple[float, float] | None:
@@ -202,7 +173,7 @@ def polygonize(scores, skip: set[int] = frozenset(), min_score: float | None = N
     yield from open_regions
 
 
-def _features(regions: list[Region], geometry: Geometry, labels: Sequence[str], colours: np.ndarray,
+def _features(regions: list[Region], geometry: MapGeometry, labels: Sequence[str], colours: np.ndarray,
               mpp: tuple[float, float] | None, to_map: Callable[[np.ndarray], np.ndarray] | None = None) -> list[str]:
     """GeoJSON Feature texts of ``regions``, their geometry placed and encoded by shapely for all at once."""
     import shapely
@@ -247,7 +218,7 @@ def write_geojson(path: Path, scores, attrs: dict, min_score: float | None = Non
         class name → number of regions written.
     """
     labels = [str(v) for v in attrs["labels"]]
-    geometry, mpp = Geometry.of(attrs), level0_mpp(attrs)
+    geometry, mpp = MapGeometry.of(attrs), level0_mpp(attrs)
     colours = label_colours(len(labels))
     counts = {labels[k]: 0 for k in range(len(labels))}
     with open(path, "w", encoding="utf-8") as f:
@@ -281,12 +252,12 @@ def overlay_levels(size: tuple[int, int], smallest: int = SMALLEST_LEVEL) -> lis
     return levels
 
 
-def _axis(first: int, count: int, factor: float, cells: int, geometry: Geometry, axis: int) -> _Axis:
+def _axis(first: int, count: int, factor: float, cells: int, geometry: MapGeometry, axis: int) -> BilinearAxis:
     """Bilinear positions, in map cells, of the centres of pixels first..first+count of a level ``factor``×
     smaller than level 0."""
     centres = (np.arange(first, first + count, dtype=np.float64) + 0.5) * factor
     coords = (centres - geometry.offset[axis] - geometry.window[axis] / 2) / geometry.stride[axis]
-    return _Axis.of(np.clip(coords, 0.0, max(cells - 1, 0)), cells)
+    return BilinearAxis.of(np.clip(coords, 0.0, max(cells - 1, 0)), cells)
 
 
 class _Rows:
@@ -316,7 +287,7 @@ class _Rows:
         return self.block[:, wanted - self.first]
 
 
-def _overlay_tiles(scores, k: int, geometry: Geometry, size: tuple[int, int], factor: float, lut: np.ndarray,
+def _overlay_tiles(scores, k: int, geometry: MapGeometry, size: tuple[int, int], factor: float, lut: np.ndarray,
                    alpha: float, colours: ColourRange) -> Iterator[np.ndarray]:
     """The RGBA tiles of one level, row of tiles by row of tiles, each TIFF_TILE² (edge tiles padded)."""
     cells_h, cells_w = int(scores.shape[1]), int(scores.shape[2])
@@ -342,7 +313,7 @@ def _overlay_tiles(scores, k: int, geometry: Geometry, size: tuple[int, int], fa
                 yield empty
                 continue
             shifted = replace(xs, low=xs.low - start, high=xs.high - start)
-            heat = _bilinear(block, 0, ys, np.arange(height), shifted)[0]
+            heat = bilinear_sample(block, 0, ys, np.arange(height), shifted)[0]
             index = np.clip(np.round(colours.fraction(np.nan_to_num(heat)) * 255), 0, 255).astype(np.int16)
             index[np.isnan(heat)] = 256
             tile = np.zeros((TIFF_TILE, TIFF_TILE), dtype=np.uint32)
@@ -366,7 +337,7 @@ def write_ome_tiff(path: Path, scores, attrs: dict, k: int, image_size: tuple[in
         the number of pyramid levels written.
     """
 
-    geometry, mpp = Geometry.of(attrs), level0_mpp(attrs)
+    geometry, mpp = MapGeometry.of(attrs), level0_mpp(attrs)
     colours = colours or ColourRange()
     levels = overlay_levels(image_size)
     metadata = {"axes": "YXS", "Name": f"{attrs['labels'][k]} probability"}
@@ -399,7 +370,7 @@ def ngff_attrs(attrs: dict, dataset: str = "scores", levels: int = 1) -> dict:
     ``(i, j)`` sits at its window's centre, ``offset + window/2 − ½ + (i, j)·stride``; a cell of level ``L``
     (the mean of 2^L × 2^L cells) at the centre of the cells it averages.
     """
-    geometry, mpp = Geometry.of(attrs), level0_mpp(attrs)
+    geometry, mpp = MapGeometry.of(attrs), level0_mpp(attrs)
     unit = (mpp[0], mpp[1]) if mpp is not None else (1.0, 1.0)
     space = {"type": "space", **({"unit": "micrometer"} if mpp is not None else {})}
     datasets = []
