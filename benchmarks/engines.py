@@ -30,7 +30,8 @@ def make_images(folder: Path, count: int, size: int) -> list[str]:
     """``count`` size×size RGB scenes: the sample digit scenes tiled over a black canvas, each shifted."""
     from PIL import Image
 
-    scenes = [np.asarray(Image.open(p).convert("RGB")) for p in sorted((ROOT / "sample_images").glob("digits_scene_*.png"))]
+    scene_paths = sorted((ROOT / "sample_images").glob("digits_scene_*.png"))
+    scenes = [np.asarray(Image.open(p).convert("RGB")) for p in scene_paths]
     paths = []
     for n in range(count):
         canvas = np.zeros((size, size, 3), np.uint8)

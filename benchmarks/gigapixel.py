@@ -74,8 +74,9 @@ def run_cli(args: list[str], outdir: Path, timeout: float = 1800) -> dict:
     import pyarrow.parquet as pq
 
     row = pq.read_table(outdir / "summary.parquet").to_pylist()[0]
-    result.update({k: row.get(k) for k in ("tiles", "tiles_computed", "tiles_background", "runtime", "seconds", "map_height", "map_width",
-                                           "megapixels", "level", "downsample", "background_fraction")})
+    keys = ("tiles", "tiles_computed", "tiles_background", "runtime", "seconds", "map_height", "map_width",
+            "megapixels", "level", "downsample", "background_fraction")
+    result.update({k: row.get(k) for k in keys})
     masks = list(outdir.glob("*.mask.png"))
     if masks:
         from PIL import Image

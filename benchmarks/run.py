@@ -3,7 +3,8 @@
 Sections: dense vs naive sliding window (and vs the bare backbone), gigapixel slides through the whole
 ``fcnify heatmap`` process (peak RSS and time against slide size, ResNet-50, network share, foreground
 skipping, a naive patch loop, tiles vs one shot on a PNG; ``gigapixel.py``), finer output stride by dilation vs
-shift-and-stitch, ONNX Runtime vs PyTorch on the CPU, local vs Ray engines, one slide's tiles over Ray workers and every viewer
+shift-and-stitch, ONNX Runtime vs PyTorch on the CPU, local vs Ray engines, one slide's tiles over Ray workers
+and every viewer
 format (``clusters.py``), and CUDA precision/layout (skipped
 without CUDA).
 

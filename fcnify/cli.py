@@ -30,7 +30,7 @@ from fcnify.convert import convert as convert_model
 from fcnify.errors import FcnifyError, InputError, InternalError, NotEquivalentError, OutputError, first_line
 from fcnify.export import ModelMetadata, save_pt2
 from fcnify.heatmap.options import HeatmapOptions, validate_options
-from fcnify.heatmap.outputs import output_kind
+from fcnify.heatmap.outputs import FORMAT_FILES, output_kind
 from fcnify.heatmap.ray_engine import RayOptions, require_ray
 from fcnify.heatmap.runners import ENGINES, run_job
 from fcnify.images import fit_to_window, prepare, read_image
@@ -90,7 +90,8 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _logging(
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also log fcnify's decisions and Ray's INFO lines.")] = False,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="Also log fcnify's decisions and Ray's INFO lines.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Log errors only (no warnings).")] = False,
     version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version,
                                           help="Print fcnify's version and exit.")] = False,
@@ -284,7 +285,8 @@ def convert(
     loaded = _load(model, weights, arch, input_size, trust_model,
                    _Preprocessing(mean, std, labels, in_chans, output))
     if loaded.converted:
-        raise InputError(f"{model} is already converted", hint="use it with 'fcnify heatmap', or check it with 'fcnify verify FILE --against SOURCE'")
+        raise InputError(f"{model} is already converted",
+                         hint="use it with 'fcnify heatmap', or check it with 'fcnify verify FILE --against SOURCE'")
     out = out or Path(f"{loaded.name}.fcn.pt2")
     layout = loaded.extra.get("input_layout")
     if layout and onnx is None:  # an ONNX classifier: its conversion as ONNX too, beside the .pt2
@@ -372,7 +374,8 @@ def verify(
     cells: Annotated[int, typer.Option("--cells", min=0, help="Dense cells to compare with crops (0: skip).")] = 8,
     device: Annotated[str | None, typer.Option("--device", help="Also report figures on this device.")] = None,
     image: Annotated[list[Path] | None, typer.Option(
-        "--image", help="Also compare on this image, resized and centre-cropped to the training size (repeatable).")] = None,
+        "--image",
+        help="Also compare on this image, resized and centre-cropped to the training size (repeatable).")] = None,
     trust_model: TrustOpt = False,
     mean: MeanOpt = None,
     std: StdOpt = None,
@@ -532,10 +535,13 @@ def _written(rows, outdir: Path, summary) -> str:
 def heatmap(
     images: Annotated[list[str] | None, typer.Argument(
         help="Images or slides (PNG, JPEG, TIFF, SVS, OME-TIFF, …), folders (recursive) or glob patterns.")] = None,
-    model: Annotated[str, typer.Option("--model", "-m", help="Model spec (as for convert) or a .pt2/.onnx.")] = "digits",
+    model: Annotated[str, typer.Option(
+        "--model", "-m", help="Model spec (as for convert) or a .pt2/.onnx.")] = "digits",
     outdir: Annotated[Path, typer.Option("-o", "--outdir", help="Output folder.")] = Path("fcnify-out"),
-    manifest: Annotated[Path | None, typer.Option("--manifest", help="A .txt, .csv or .parquet list of images.")] = None,
-    classes: Annotated[list[str] | None, typer.Option("--class", help="Class name or index to draw (repeatable).")] = None,
+    manifest: Annotated[Path | None, typer.Option(
+        "--manifest", help="A .txt, .csv or .parquet list of images.")] = None,
+    classes: Annotated[list[str] | None, typer.Option(
+        "--class", help="Class name or index to draw (repeatable).")] = None,
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="Classes in <stem>.classes.png.")] = 4,
     cmap: Annotated[str, typer.Option("--cmap", help="A matplotlib colormap.")] = "inferno",
     alpha: Annotated[float, typer.Option("--alpha", min=0.0, max=1.0, help="Heatmap opacity.")] = 0.5,
@@ -545,10 +551,12 @@ def heatmap(
         "--vmax", help="Probability at the colormap's high end (default 1), e.g. 0.3 for a weak model.")] = None,
     normalize: Annotated[bool, typer.Option(
         "--normalize", help="Colour each map from its own lowest to highest probability.")] = False,
-    level: Annotated[int | None, typer.Option("--level", min=0, help="Pyramid level to compute at (0: full resolution).")] = None,
+    level: Annotated[int | None, typer.Option(
+        "--level", min=0, help="Pyramid level to compute at (0: full resolution).")] = None,
     mpp: Annotated[float | None, typer.Option(
         "--mpp", help="Compute at this many µm per pixel (nearest finer level, resampled).")] = None,
-    scale: Annotated[float, typer.Option("--scale", min=0.01, help="Resize ordinary images by this factor first.")] = 1.0,
+    scale: Annotated[float, typer.Option(
+        "--scale", min=0.01, help="Resize ordinary images by this factor first.")] = 1.0,
     foreground: Annotated[str, typer.Option(
         "--foreground", help="auto: skip a flat white/black background (NaN there); all: compute every cell; "
                           "default: auto for slides and TIFFs, all for ordinary pictures (PNG, JPEG, …).")] = "default",
@@ -557,8 +565,8 @@ def heatmap(
     scores_dtype: Annotated[str, typer.Option("--scores-dtype", help="float32 or float16 (zarr).")] = "float32",
     preview_size: Annotated[int, typer.Option("--preview-size", min=16, help="Longest side of the previews.")] = 4096,
     formats: Annotated[str, typer.Option(
-        "--formats", help="Comma list of png, scores, geojson (QuPath annotations), ome-tiff (pyramidal overlay), "
-                          "geotiff (score map as a Cloud-Optimized GeoTIFF; automatic for scenes with a CRS).")
+        "--formats", help="Comma list of " + "; ".join(f"{kind} ({files})" for kind, files in FORMAT_FILES.items())
+        + ".")
     ] = "png,scores",
     min_score: Annotated[float | None, typer.Option(
         "--min-score", help="GeoJSON: only cells whose top class has at least this probability.")] = None,

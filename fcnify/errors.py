@@ -6,8 +6,11 @@ Every error carries a ``hint``: what the user can do about it.
 
 from __future__ import annotations
 
-__all__ = ["ConversionError", "EngineError", "ExportError", "FcnifyError", "InputError", "InternalError", "MissingDependencyError",
-           "ModelLoadError", "NotEquivalentError", "OutputError", "UnsafeModelError", "describe", "first_line"]
+__all__ = [
+    "ConversionError", "EngineError", "ExportError", "FcnifyError", "InputError", "InternalError",
+    "MissingDependencyError", "ModelLoadError", "NotEquivalentError", "OutputError", "UnsafeModelError", "describe",
+    "first_line"
+]
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:

@@ -113,7 +113,8 @@ class ModelMetadata:
             normalisation=str(data.get("normalisation") or ""),
             outputs=tuple(OutputInfo(str(o["name"]), int(o["channels"]), Geometry.from_dict(o["geometry"]))
                           for o in data.get("outputs") or ()),
-            selected_output=str(data.get("selected_output") or SINGLE), input_layout=str(data.get("input_layout") or ""),
+            selected_output=str(data.get("selected_output") or SINGLE),
+            input_layout=str(data.get("input_layout") or ""),
         )
 
 

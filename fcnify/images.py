@@ -25,8 +25,8 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from fcnify.errors import InputError, describe, first_line
 
 __all__ = [
-    "DEFAULT_MAX_PIXELS", "IMAGE_EXTENSIONS", "PIL_LOCK", "PreparedImage", "display_rgb", "fetch_uri", "is_image_path", "prepare",
-    "read_any", "read_image",
+    "DEFAULT_MAX_PIXELS", "IMAGE_EXTENSIONS", "PIL_LOCK", "PreparedImage", "display_rgb", "fetch_uri",
+    "is_image_path", "prepare", "read_any", "read_image"
 ]
 
 _logger = logging.getLogger(__name__)

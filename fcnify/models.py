@@ -268,7 +268,8 @@ def _import_user_module(location: str):
     folder = Path(location).resolve().parent if as_file else Path.cwd().resolve()
     name = Path(location).stem if as_file else location
     if as_file and not Path(location).is_file():
-        raise ModelLoadError(f"--arch: no such file {location}", hint="give the path of the .py file that defines the factory")
+        raise ModelLoadError(f"--arch: no such file {location}",
+                             hint="give the path of the .py file that defines the factory")
     try:
         with user_code_path(folder):
             if not as_file:
@@ -293,7 +294,8 @@ def _import_user_module(location: str):
                                  hint="run fcnify from the folder that holds it, or give the file: "
                                  "--arch path/to/file.py:factory") from None
         raise ModelLoadError(f"importing module '{name}' (from {folder}) failed: it imports '{exc.name}', "
-                             "which is not installed", hint=f"pip install the package that provides '{exc.name}'") from None
+                             "which is not installed",
+                             hint=f"pip install the package that provides '{exc.name}'") from None
     except Exception as exc:
         raise ModelLoadError(f"importing module '{name}' (from {folder}) failed: {type(exc).__name__}: "
                              f"{first_line(exc, 200)}",
@@ -301,7 +303,8 @@ def _import_user_module(location: str):
 
 
 def _build_arch(arch: str) -> LoadedModel:
-    """An untrained module for ``torchvision:NAME``, ``timm:NAME``, ``package.module:factory`` or ``file.py:factory``."""
+    """An untrained module for ``torchvision:NAME``, ``timm:NAME``, ``package.module:factory`` or
+    ``file.py:factory``."""
     if arch.startswith("torchvision:"):
         return _torchvision(arch.split(":", 1)[1], "none")
     if arch.startswith("timm:"):
@@ -310,8 +313,10 @@ def _build_arch(arch: str) -> LoadedModel:
         return _digits_loaded(zoo.DigitsNet())
     location, _, factory = arch.rpartition(":")
     if not location or not factory.isidentifier():
-        raise InputError(f"--arch {arch!r} is not torchvision:NAME, timm:NAME, package.module:factory or file.py:factory",
-                         hint="e.g. --arch torchvision:resnet18, --arch mynet:make_model or --arch ./mynet.py:make_model")
+        raise InputError(f"--arch {arch!r} is not torchvision:NAME, timm:NAME, package.module:factory or "
+                         "file.py:factory",
+                         hint="e.g. --arch torchvision:resnet18, --arch mynet:make_model or "
+                              "--arch ./mynet.py:make_model")
     user_module = _import_user_module(location)
     if not hasattr(user_module, factory):
         raise ModelLoadError(f"module '{user_module.__name__}' ({getattr(user_module, '__file__', '?')}) has no "
@@ -375,7 +380,8 @@ def _safe_torch_load(path: Path):
     except Exception as exc:
         if _is_torchscript(path):
             raise UnsafeModelError(f"{path} is a TorchScript archive; loading it runs code from the file",
-                                   hint="pass --trust-model if you trust it, or save a state_dict and use --arch") from exc
+                                   hint="pass --trust-model if you trust it, or save a state_dict and use "
+                                        "--arch") from exc
         try:
             blocked = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
         except Exception:
@@ -534,7 +540,8 @@ def load_model(spec: str | None = "digits", weights: str = "default", arch: str 
             if meta is None:  # the user's own torch.export archive of a classifier: convert it like a module
                 loaded = _exported_classifier(module, path)
             else:
-                loaded = LoadedModel(ExportedNet(module, meta), meta.input_size, meta.in_chans, meta.mean, meta.std, meta.labels,
+                loaded = LoadedModel(ExportedNet(module, meta), meta.input_size, meta.in_chans, meta.mean, meta.std,
+                                     meta.labels,
                                      meta.source or str(path), converted=True, geometry=meta.geometry,
                                      normalisation=meta.normalisation or FROM_METADATA)
         elif path.suffix == ".onnx":
@@ -607,7 +614,8 @@ def read_labels(value: str) -> tuple[str, ...]:
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as exc:
-            raise InputError(f"cannot read the labels file {path}: {exc}", hint="one class name a line, UTF-8") from None
+            raise InputError(f"cannot read the labels file {path}: {exc}",
+                             hint="one class name a line, UTF-8") from None
         labels = tuple(line.strip() for line in lines if line.strip())
     else:
         labels = tuple(v.strip() for v in value.split(","))

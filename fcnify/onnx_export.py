@@ -326,7 +326,8 @@ def size_problems(model, geometry: Geometry | None = None) -> list[str]:
     global_context = bool(geometry is not None and geometry.global_context)
     for node in graph.node:
         if node.domain not in ("", "ai.onnx"):
-            problems.append(f"node {node.name or node.op_type} is {node.domain}::{node.op_type}, not a standard ONNX op")
+            problems.append(f"node {node.name or node.op_type} is {node.domain}::{node.op_type}, "
+                            "not a standard ONNX op")
         if not any(i in reachable for i in node.input):
             continue
         reachable.update(o for o in node.output if o)

@@ -86,7 +86,8 @@ class OnnxNet(MultiOutputNet, nn.Module):
 
     ``net(x)`` maps an N×C×H×W tensor to N×K×h×w logits, returned on ``x``'s device and in its dtype (the
     graph runs in float32); a network with several outputs returns a dict of maps by output name (the
-    names, geometries and selection of ``fcnify.convert.outputs.MultiOutputNet``, from the metadata). CUDA is used when onnxruntime has the CUDAExecutionProvider, else the CPU.
+    names, geometries and selection of ``fcnify.convert.outputs.MultiOutputNet``, from the metadata). CUDA is
+    used when onnxruntime has the CUDAExecutionProvider, else the CPU.
     ``.to()``, ``.cuda()``, ``.double()`` and ``.eval()`` do nothing: the runtime owns device and dtype.
 
     Attributes:
@@ -215,7 +216,8 @@ def load_onnx_model(path: str | os.PathLike, device: str | None = None) -> Loade
         session = _session(path, _providers(device))
     except Exception as exc:
         raise ModelLoadError(f"{path} is not an ONNX model onnxruntime can load: {one_line_cause(exc, 200)}",
-                             hint="export the classifier it came from with 'fcnify convert MODEL -o model.onnx'") from exc
+                             hint="export the classifier it came from with "
+                                  "'fcnify convert MODEL -o model.onnx'") from exc
     props = session.get_modelmeta().custom_metadata_map
     metadata = read_metadata(props, str(path))
     if metadata is None:
@@ -229,4 +231,7 @@ def load_onnx_model(path: str | os.PathLike, device: str | None = None) -> Loade
                        extra={"format": "onnx", "path": str(path), "providers": net.providers})
 
 
-__all__ = ["METADATA_KEY", "OnnxClassifier", "OnnxNet", "has_fcnify_metadata", "load_onnx_model", "one_line_cause", "read_metadata"]
+__all__ = [
+    "METADATA_KEY", "OnnxClassifier", "OnnxNet", "has_fcnify_metadata", "load_onnx_model", "one_line_cause",
+    "read_metadata"
+]

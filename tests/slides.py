@@ -128,7 +128,8 @@ def tissue_tile(y: int, x: int, h: int, w: int, background: str = "white", seed:
     if background not in ("white", "black"):
         raise ValueError(f"background must be 'white' or 'black', not {background!r}")
     grain_table = _grain(seed)
-    grain = grain_table[np.arange(y, y + h)[:, None] % _NOISE_PERIOD[0], np.arange(x, x + w)[None, :] % _NOISE_PERIOD[1]]
+    rows, cols = np.arange(y, y + h)[:, None] % _NOISE_PERIOD[0], np.arange(x, x + w)[None, :] % _NOISE_PERIOD[1]
+    grain = grain_table[rows, cols]
     field = _mask_field(y, x, h, w, seed)
     alpha = np.clip((field - _threshold(seed, density)) / _EDGE, 0.0, 1.0).astype(np.float32)[..., None]
     if background == "white":

@@ -1,4 +1,5 @@
-"""fcnify.heatmap.runners and summary: the local engine's summary, --resume, URIs, a missing Ray, and a run on a separate
+"""fcnify.heatmap.runners and summary: the local engine's summary, --resume, URIs, a missing Ray, and a run on a
+separate
 Ray head."""
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ def test_quick_benchmark_writes_the_report(tmp_path):
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     text = out.read_text()
-    for heading in ("Dense (one pass) vs naive sliding window", "Gigapixel slides through the CLI", "dilation vs shift-and-stitch",
-                    "ONNX Runtime", "CUDA"):
+    for heading in ("Dense (one pass) vs naive sliding window", "Gigapixel slides through the CLI",
+                    "dilation vs shift-and-stitch", "ONNX Runtime", "CUDA"):
         assert heading in text
     assert "| resnet18 | 256 |" in text and "torch " in text and "threads" in text
     assert (tmp_path / "bench.json").exists()

@@ -92,7 +92,8 @@ def test_verify_default_digits_and_exit_codes(tmp_path, weights):
     (["convert", "timm:notamodel", "--weights", "none"], 1, ["timm has no model"]),
     (["convert", "missing.pth"], 1, ["no such file"]),
     (["convert", "timm:vit_tiny_patch16_224", "--weights", "none"], 4, ["cannot convert", "transformer"]),
-    (["verify", "torchvision:alexnet", "--weights", "none", "--input-size", "32"], 1, ["does not run at", "--input-size"]),
+    (["verify", "torchvision:alexnet", "--weights", "none", "--input-size", "32"], 1,
+     ["does not run at", "--input-size"]),
     (["convert", "torchvision:resnet18", "--weights", "none", "--input-size", "big"], 1, ["HxW"]),
 ])
 def test_bad_input_gives_one_clear_line(args, code, fragments, tmp_path, monkeypatch):

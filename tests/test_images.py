@@ -98,7 +98,8 @@ def test_prepare_normalises_grayscale_and_rgb():
 
 def test_prepare_handles_alpha_palette_and_16_bit():
     rgba = Image.new("RGBA", (33, 33), (200, 100, 50, 0))
-    assert prepare(rgba, 3, (0, 0, 0), (1, 1, 1)).tensor[:, 0, 0].tolist() == pytest.approx([200 / 255, 100 / 255, 50 / 255])
+    expected = [200 / 255, 100 / 255, 50 / 255]
+    assert prepare(rgba, 3, (0, 0, 0), (1, 1, 1)).tensor[:, 0, 0].tolist() == pytest.approx(expected)
     palette = noise_image(size=(33, 33), mode="RGB").convert("P")
     assert prepare(palette, 1, (0,), (1,)).tensor.shape == (1, 33, 33)
     deep = Image.fromarray(np.full((33, 33), 65535, dtype=np.uint16))

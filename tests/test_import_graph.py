@@ -9,6 +9,7 @@ packages is not counted.
 from __future__ import annotations
 
 import ast
+import importlib
 from pathlib import Path
 
 import fcnify
@@ -128,3 +129,51 @@ def test_find_cycles_names_the_circle():
 def test_no_import_cycles():
     cycles = find_cycles(import_graph())
     assert not cycles, "import cycles in fcnify:\n" + "\n".join(" → ".join(cycle) for cycle in cycles)
+
+
+def _public_modules() -> dict[str, Path]:
+    """Every module but the private ones (``_version``) and the entry point (``__main__``)."""
+    return {name: path for name, path in _modules().items()
+            if not name.rpartition(".")[2].startswith("_")}
+
+
+def test_every_public_module_declares_all_and_its_names_exist():
+    """``__all__`` says what a module offers; each name it lists is defined there or imported into it."""
+    missing, unknown = [], []
+    for name, path in _public_modules().items():
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        declared = [node for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
+                    and any(getattr(t, "id", "") == "__all__"
+                            for t in (node.targets if isinstance(node, ast.Assign) else [node.target]))]
+        if not declared:
+            missing.append(name)
+            continue
+        module = importlib.import_module(name)
+        unknown += [f"{name}.{entry}" for entry in module.__all__ if not hasattr(module, entry)]
+    assert not missing, f"modules without __all__: {missing}"
+    assert not unknown, f"__all__ names that do not exist: {unknown}"
+
+
+def test_no_module_uses_another_modules_private_names():
+    """``from fcnify.x import _name`` or ``x._name`` across modules: what one module shares is public."""
+    modules = _modules()
+    short = {dotted.rpartition(".")[2] for dotted in modules}
+    found = []
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fcnify"):
+                found += [f"{name}: from {node.module} import {a.name}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]
+            elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in short
+                  and node.attr.startswith("_") and not node.attr.startswith("__")):
+                found.append(f"{name}: {node.value.id}.{node.attr}")
+    assert not found, "private names used across modules:\n" + "\n".join(found)
+
+
+def test_line_length_is_enforced_by_the_linter():
+    """Lines stay within 120 columns: ruff's E501 is on, at 120 (``make lint``)."""
+    import tomllib
+
+    config = tomllib.loads((PACKAGE_DIR.parent / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["ruff"]
+    assert config["line-length"] == 120
+    assert "E501" not in config["lint"].get("ignore", []) and "E" in config["lint"]["select"]

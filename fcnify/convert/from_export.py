@@ -189,7 +189,8 @@ def _conv2d(r: _Rebuilder, node: torch.fx.Node, given: dict | None = None):
     bias = r.tensor(_arg(node, 2, "bias"))
     padding, groups = given["padding"], int(given["groups"])
     conv = nn.Conv2d(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),
-                     stride=_pair(given["stride"], 1), padding=padding if isinstance(padding, str) else _pair(padding, 0),
+                     stride=_pair(given["stride"], 1),
+                     padding=padding if isinstance(padding, str) else _pair(padding, 0),
                      dilation=_pair(given["dilation"], 1), groups=groups,
                      bias=bias is not None, device=weight.device, dtype=weight.dtype)
     conv.weight = nn.Parameter(weight.detach(), requires_grad=False)
@@ -278,7 +279,8 @@ def _adaptive_pool2d(r: _Rebuilder, node: torch.fx.Node):
 
 
 _MODULE_BUILDERS = {
-    "conv2d": _conv2d, "convolution": _convolution, "linear": _linear, "batch_norm": _batch_norm, "layer_norm": _layer_norm,
+    "conv2d": _conv2d, "convolution": _convolution, "linear": _linear, "batch_norm": _batch_norm,
+    "layer_norm": _layer_norm,
     "max_pool2d": _max_pool2d, "max_pool2d_with_indices": _max_pool2d, "avg_pool2d": _avg_pool2d,
     "adaptive_avg_pool2d": _adaptive_pool2d, "adaptive_max_pool2d": _adaptive_pool2d,
     "_native_batch_norm_legit_no_training": _batch_norm_no_training,
@@ -298,7 +300,8 @@ def rebuild_modules(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return _Rebuilder(gm).rebuild()
 
 
-def from_torchscript(script: torch.jit.ScriptModule, input_size: tuple[int, int], in_chans: int) -> torch.fx.GraphModule:
+def from_torchscript(script: torch.jit.ScriptModule, input_size: tuple[int, int],
+                     in_chans: int) -> torch.fx.GraphModule:
     """A TorchScript classifier as a module graph: torch's TorchScript-to-export converter, then ``rebuild_modules``.
 
     Raises:

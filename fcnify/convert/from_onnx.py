@@ -560,7 +560,8 @@ def _gemm(p: _Plain, node, module):
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=c is not None, dtype=weight.dtype)
     linear.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
     if c is not None:
-        linear.bias = nn.Parameter((bias * module.beta).reshape(-1).expand(weight.shape[0]).contiguous(), requires_grad=False)
+        linear.bias = nn.Parameter((bias * module.beta).reshape(-1).expand(weight.shape[0]).contiguous(),
+                                   requires_grad=False)
     return p.module(node, linear, a)
 
 
@@ -575,7 +576,8 @@ def _reshape(p: _Plain, node, module):
 def _flatten(p: _Plain, node, module):
     if module.axis == 1:
         return p.call(node, torch.flatten, node.args[0], 1)
-    raise p.refuse(node, f"axis {module.axis} also flattens the batch", hint="export the classifier with Flatten(axis=1)")
+    raise p.refuse(node, f"axis {module.axis} also flattens the batch",
+                   hint="export the classifier with Flatten(axis=1)")
 
 
 def _transpose(p: _Plain, node, module):
@@ -710,4 +712,7 @@ def import_onnx(model, input_size=None, where: str = "the ONNX model") -> Import
     return ImportedOnnx(plain, size, channels, layout, names, classes)
 
 
-__all__ = ["IMPORT_OPSET", "ImportedGraph", "NCHW", "NHWC", "ONNX_NODE", "ImportedOnnx", "import_onnx", "prepare_onnx", "read_onnx"]
+__all__ = [
+    "IMPORT_OPSET", "ImportedGraph", "NCHW", "NHWC", "ONNX_NODE", "ImportedOnnx", "import_onnx", "prepare_onnx",
+    "read_onnx"
+]

@@ -288,7 +288,8 @@ def compute_geometry(gm: torch.fx.GraphModule, input_size: tuple[int, int], glob
         if not inputs or info[node].kind is not Kind.SPATIAL:
             continue
         src_node = next(n for n in node.all_input_nodes if n in cells)
-        in_hw, out_hw = _hw(shape_of(src_node), info[src_node].spatial_dims), _hw(shape_of(node), info[node].spatial_dims)
+        in_hw = _hw(shape_of(src_node), info[src_node].spatial_dims)
+        out_hw = _hw(shape_of(node), info[node].spatial_dims)
         name = op_name(node, modules)
         module = modules.get(node.target) if node.op == "call_module" else None
         if name in _WINDOW_OPS or (module is not None and isinstance(module, (nn.Conv2d, nn.MaxPool2d,

@@ -49,7 +49,8 @@ class FullyConvolutionalNet(MultiOutputNet, nn.Module):
         return self.net(x)
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
-        """The selected score map's size a one-pass forward gives for an input of ``height`` × ``width`` (``Geometry.map_size``)."""
+        """The selected score map's size a one-pass forward gives for an input of ``height`` × ``width``
+        (``Geometry.map_size``)."""
         return self.geometry.map_size(height, width)
 
 

@@ -104,7 +104,8 @@ class TileNetwork:
 
     def run(self, batch: torch.Tensor) -> torch.Tensor:
         """N×C×H×W normalised input → N×K×h×w float32 logits on the CPU (one-line errors)."""
-        return guarded_forward(lambda: run_network(self.module, batch, self.device, self.dtype), batch.shape, len(batch))
+        return guarded_forward(lambda: run_network(self.module, batch, self.device, self.dtype), batch.shape,
+                               len(batch))
 
 
 def choose_runtime(fcn: nn.Module, metadata, runtime: str, device: torch.device, precision: str,

@@ -17,8 +17,10 @@ from fcnify.heatmap.options import HeatmapOptions
 from fcnify.heatmap.previews import classes_figure, colour_lut, panel_side, preview_shape, render_previews
 from fcnify.heatmap.sources import display_rgb, read_thumbnail
 
-__all__ = ["PREVIEW_PNG_LEVEL", "colour_ranges", "level0_centre", "map_peaks", "nothing_computed", "write_mask", "write_previews",
-           "write_viewers"]
+__all__ = [
+    "PREVIEW_PNG_LEVEL", "colour_ranges", "level0_centre", "map_peaks", "nothing_computed", "write_mask",
+    "write_previews", "write_viewers"
+]
 
 _logger = logging.getLogger(__name__)
 

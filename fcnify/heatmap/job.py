@@ -139,7 +139,8 @@ class ImageJob:
         if side < minimum:
             if budget is not None:
                 raise InputError(f"--max-memory {budget / 1e6:.0f}MB is too small for one tile of this network "
-                                 f"(a {minimum}x{minimum} tile needs about {self._per_pixel * minimum**2 / 1e6:.0f} MB)",
+                                 f"(a {minimum}x{minimum} tile needs about "
+                                 f"{self._per_pixel * minimum**2 / 1e6:.0f} MB)",
                                  hint="raise --max-memory")
             side = minimum
         return plan.cells_for_tile_size(self.bounds, (side, side))

@@ -15,13 +15,19 @@ from pathlib import Path
 
 from fcnify.errors import InputError, OutputError
 
-__all__ = ["DEFAULT_FORMATS", "FORMATS", "NPZ_MAX_BYTES", "OUTPUT_KINDS", "PARTIAL_SUFFIX", "STEM_SUFFIXES",
+__all__ = ["DEFAULT_FORMATS", "FORMAT_FILES", "FORMATS", "NPZ_MAX_BYTES", "OUTPUT_KINDS", "PARTIAL_SUFFIX", "STEM_SUFFIXES",
            "check_outdir", "choose_scores_format", "expected_outputs", "formats_for", "is_output_name",
            "make_stem_folder", "output_kind", "output_stems", "parse_formats", "remove_stale"]
 
-#: What ``--formats`` may name: previews, the score store, QuPath annotations, the OME-TIFF overlay, the score
-#: map as a Cloud-Optimized GeoTIFF (``cog``; georeferenced scenes get it without asking).
-FORMATS = ("png", "scores", "geojson", "ome-tiff", "geotiff")
+#: What ``--formats`` may name, and what each writes (the CLI's help is made from this).
+FORMAT_FILES = {
+    "png": "<stem>.heatmap.png and <stem>.classes.png previews",
+    "scores": "<stem>.scores.npz or .scores.zarr, always: the map the other outputs and --resume read",
+    "geojson": "<stem>.geojson, QuPath annotations",
+    "ome-tiff": "<stem>.heatmap.ome.tif, a pyramidal overlay",
+    "geotiff": "<stem>.scores.tif, a Cloud-Optimized GeoTIFF of the map; automatic for scenes with a CRS",
+}
+FORMATS = tuple(FORMAT_FILES)
 DEFAULT_FORMATS = ("png", "scores")
 #: ``--scores auto`` keeps maps up to this many bytes (float32) in memory and writes them as ``.npz``.
 NPZ_MAX_BYTES = 64 * 2**20

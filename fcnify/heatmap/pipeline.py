@@ -313,7 +313,8 @@ class ImageRun:
                           padded=padded, top=summary_top, outputs=tuple(map(str, written)), tiles=tiles.count,
                           tiles_computed=state.computed, tiles_background=state.background,
                           tiles_resumed=state.resumed, background_fraction=state.background / max(1, tiles.count),
-                          **self._masking(), megapixels=view.size[0] * view.size[1] / 1e6, runtime=state.runtime, **self.info)
+                          **self._masking(), megapixels=view.size[0] * view.size[1] / 1e6, runtime=state.runtime,
+                          **self.info)
 
     def _masking(self) -> dict:
         """The mask's columns of the row: the mode, the cells it left NaN and the input pixels it saved."""

@@ -47,9 +47,9 @@ from fcnify.heatmap.sources import read_thumbnail
 from fcnify.introspect import placement
 
 __all__ = [
-    "DISTANCE", "FLAT_FRACTION", "FOREGROUND_MODES", "MASK_MIN_SIDE", "SATURATION", "AxisTile", "ForegroundMask", "NetworkBounds",
-    "Tile", "TilePlan", "bounds_of", "cells_for_tile_size", "estimate_foreground", "map_size", "plan_tiles",
-    "resolve_foreground", "tile_span",
+    "DISTANCE", "FLAT_FRACTION", "FOREGROUND_MODES", "MASK_MIN_SIDE", "SATURATION", "AxisTile", "ForegroundMask",
+    "NetworkBounds", "Tile", "TilePlan", "bounds_of", "cells_for_tile_size", "estimate_foreground", "map_size",
+    "plan_tiles", "resolve_foreground", "tile_span"
 ]
 
 _logger = logging.getLogger(__name__)

@@ -21,7 +21,10 @@ from PIL import Image
 from fcnify.heatmap.legend import ColourRange
 from fcnify.heatmap.render import colormap, label_colours
 
-__all__ = ["BilinearAxis", "Previews", "bilinear_sample", "classes_figure", "colour_lut", "panel_side", "preview_shape", "render_previews"]
+__all__ = [
+    "BilinearAxis", "Previews", "bilinear_sample", "classes_figure", "colour_lut", "panel_side", "preview_shape",
+    "render_previews"
+]
 
 #: Bytes of map rows held at once while rendering.
 _BAND_BYTES = 64 * 2**20

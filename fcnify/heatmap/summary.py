@@ -15,8 +15,10 @@ from pathlib import Path
 from fcnify.atomic import temp_beside
 from fcnify.errors import OutputError
 
-__all__ = ["ClassPeak", "JobResult", "SummaryRow", "SUMMARY_NAME", "clear_summary", "read_summary", "rows_to_table", "summary_schema", "table_to_rows",
-           "write_summary"]
+__all__ = [
+    "ClassPeak", "JobResult", "SummaryRow", "SUMMARY_NAME", "clear_summary", "read_summary", "rows_to_table",
+    "summary_schema", "table_to_rows", "write_summary"
+]
 
 SUMMARY_NAME = "summary.parquet"
 
