@@ -15,8 +15,8 @@ from pathlib import Path
 
 from fcnify.errors import InputError, OutputError
 
-__all__ = ["DEFAULT_FORMATS", "FORMAT_FILES", "FORMATS", "NPZ_MAX_BYTES", "OUTPUT_KINDS", "PARTIAL_SUFFIX", "STEM_SUFFIXES",
-           "check_outdir", "choose_scores_format", "expected_outputs", "formats_for", "is_output_name",
+__all__ = ["DEFAULT_FORMATS", "FORMAT_FILES", "FORMATS", "NPZ_MAX_BYTES", "OUTPUT_KINDS", "PARTIAL_SUFFIX",
+           "STEM_SUFFIXES", "check_outdir", "choose_scores_format", "expected_outputs", "formats_for", "is_output_name",
            "make_stem_folder", "output_kind", "output_stems", "parse_formats", "remove_stale"]
 
 #: What ``--formats`` may name, and what each writes (the CLI's help is made from this).
