@@ -1,0 +1,14 @@
+"""The CLI's final "outputs in …" line names the Cloud-Optimized GeoTIFF of a georeferenced scene."""
+from pathlib import Path
+from types import SimpleNamespace
+
+from fcnify.cli import _written
+
+
+def test_outputs_line_lists_scores_tif(tmp_path: Path):
+    row = SimpleNamespace(status="ok", outputs=(str(tmp_path / "scene.heatmap.png"),
+                                                str(tmp_path / "scene.scores.zarr"),
+                                                str(tmp_path / "scene.scores.tif")))
+    line = _written([row], tmp_path, tmp_path / "summary.parquet")
+    assert "1 .scores.tif" in line
+    assert line.endswith("summary.parquet")
