@@ -12,3 +12,18 @@ def test_outputs_line_lists_scores_tif(tmp_path: Path):
     line = _written([row], tmp_path, tmp_path / "summary.parquet")
     assert "1 .scores.tif" in line
     assert line.endswith("summary.parquet")
+
+
+def test_missing_rasterio_names_the_geo_extra(monkeypatch):
+    import sys
+
+    import pytest
+
+    from fcnify.errors import MissingDependencyError
+    from fcnify.heatmap.geo import require_rasterio
+
+    monkeypatch.setitem(sys.modules, "rasterio", None)  # import rasterio now raises ImportError, as when not installed
+    with pytest.raises(MissingDependencyError) as caught:
+        require_rasterio("read a georeferenced scene")
+    assert "rasterio is not installed" in str(caught.value)
+    assert caught.value.hint == "pip install 'fcnify[geo]'"
