@@ -1,8 +1,13 @@
 """The CLI's final "outputs in …" line names the Cloud-Optimized GeoTIFF of a georeferenced scene."""
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 from fcnify.cli import _written
+from fcnify.errors import MissingDependencyError
+from fcnify.heatmap.geo import require_rasterio
 
 
 def test_outputs_line_lists_scores_tif(tmp_path: Path):
@@ -15,13 +20,6 @@ def test_outputs_line_lists_scores_tif(tmp_path: Path):
 
 
 def test_missing_rasterio_names_the_geo_extra(monkeypatch):
-    import sys
-
-    import pytest
-
-    from fcnify.errors import MissingDependencyError
-    from fcnify.heatmap.geo import require_rasterio
-
     monkeypatch.setitem(sys.modules, "rasterio", None)  # import rasterio now raises ImportError, as when not installed
     with pytest.raises(MissingDependencyError) as caught:
         require_rasterio("read a georeferenced scene")
