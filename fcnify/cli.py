@@ -34,12 +34,12 @@ from fcnify.heatmap.pipeline import HeatmapOptions
 from fcnify.heatmap.ray_engine import RayOptions, require_ray
 from fcnify.heatmap.runners import ENGINES, run_job
 from fcnify.heatmap.sinks import output_kind
-from fcnify.images import fit_to_window, prepare, read_image
+from fcnify.images import centre_region, fit_to_window, prepare, read_image
 from fcnify.inputs import ExpandedInputs, expand_inputs, read_manifest
 from fcnify.models import apply_preprocessing, load_model, require_input_size
 from fcnify.onnx_export import export_onnx
+from fcnify.verify import dense_input_size, verify_converted
 from fcnify.verify import verify as run_verify
-from fcnify.verify import verify_converted
 
 
 def _flags_without_type(params: list) -> list:
@@ -237,7 +237,7 @@ def _report_tables(report) -> list[Table]:
         d = report.dense
         which = f"output {d.output}: " if d.output else ""
         dense = Table(title=f"Dense map vs original on crops ({which}{d.input_size[0]}×{d.input_size[1]} input, "
-                            "max deviations)")
+                            f"max deviations) on {d.content}")
         for column in ("map", "cells", "abs dev", "rel dev", "top-1", "label", "cause"):
             dense.add_column(column)
         dense.add_row(f"{d.map_size[0]}×{d.map_size[1]}", str(d.cells_checked), _fmt(d.max_abs_error),
@@ -352,10 +352,20 @@ def _layout_line(source: str, layout: str) -> str:
     return f"input layout: N×C×H×W, as {source}"
 
 
-def _training_size_images(paths: list[Path], loaded, size) -> list:
-
-    return [prepare(fit_to_window(read_image(p), size), loaded.in_chans, loaded.mean, loaded.std).tensor
-            for p in paths]
+def _verification_images(paths: list[Path], loaded, fcn) -> tuple[list, list, str | None]:
+    """The user's images at the training size, their centres for the dense check (at their own resolution,
+    prepared as ``heatmap`` prepares them), and what the dense check runs on, for the report."""
+    if not paths:
+        return [], [], None
+    pictures = [read_image(p) for p in paths]
+    training = [prepare(fit_to_window(p, fcn.input_size), loaded.in_chans, loaded.mean, loaded.std).tensor
+                for p in pictures]
+    size = dense_input_size(fcn.geometry)
+    regions = [centre_region(p, size) for p in pictures]
+    dense = [prepare(region, loaded.in_chans, loaded.mean, loaded.std).tensor for region, _ in regions]
+    where = "resized to cover" if any(resized for _, resized in regions) else "at full resolution"
+    content = f"image{'s' if len(paths) > 1 else ''} {', '.join(p.name for p in paths)} (centre, {where})"
+    return training, dense, content
 
 
 @app.command(cls=_Command)
@@ -371,7 +381,8 @@ def verify(
     cells: Annotated[int, typer.Option("--cells", min=0, help="Dense cells to compare with crops (0: skip).")] = 8,
     device: Annotated[str | None, typer.Option("--device", help="Also report figures on this device.")] = None,
     image: Annotated[list[Path] | None, typer.Option(
-        "--image", help="Also compare on this image, resized and centre-cropped to the training size (repeatable).")] = None,
+        "--image", help="Also compare on this image (repeatable): resized and centre-cropped to the training size, "
+        "and its centre at full resolution for the dense check (default: a synthetic picture-like scene).")] = None,
     trust_model: TrustOpt = False,
     mean: MeanOpt = None,
     std: StdOpt = None,
@@ -402,8 +413,9 @@ def verify(
         _print_report(report, loaded.geometry, as_json)
         return
     fcn = _convert(loaded)
-    real = _training_size_images(image or [], loaded, fcn.input_size)
-    report = run_verify(loaded.original, fcn, samples=samples, images=real, device=device, dense_cells=cells)
+    real, dense_images, content = _verification_images(image or [], loaded, fcn)
+    report = run_verify(loaded.original, fcn, samples=samples, images=real, device=device, dense_cells=cells,
+                        dense_images=dense_images, dense_content=content, mean=loaded.mean, std=loaded.std)
     _print_report(report, fcn.geometry, as_json)
 
 
