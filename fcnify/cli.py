@@ -354,14 +354,18 @@ def _layout_line(source: str, layout: str) -> str:
 
 def _verification_images(paths: list[Path], loaded, fcn) -> tuple[list, list, str | None]:
     """The user's images at the training size, their centres for the dense check (at their own resolution,
-    prepared as ``heatmap`` prepares them), and what the dense check runs on, for the report."""
+    prepared as ``heatmap`` prepares them; a small image resized to cover), and what the dense check runs on,
+    for the report."""
     if not paths:
         return [], [], None
     pictures = [read_image(p) for p in paths]
     training = [prepare(fit_to_window(p, fcn.input_size), loaded.in_chans, loaded.mean, loaded.std).tensor
                 for p in pictures]
-    size = dense_input_size(fcn.geometry)
-    regions = [centre_region(p, size) for p in pictures]
+    # Each image's centre, at least the synthetic scene's size and up to 8 strides past the window (more cells
+    # for --cells to sample, at a bounded float64 cost).
+    smallest, largest = dense_input_size(fcn.geometry), dense_input_size(fcn.geometry, grow=8)
+    regions = [centre_region(p, tuple(max(lo, min(side, hi)) for lo, side, hi in
+                                      zip(smallest, (p.height, p.width), largest, strict=True))) for p in pictures]
     dense = [prepare(region, loaded.in_chans, loaded.mean, loaded.std).tensor for region, _ in regions]
     where = "resized to cover" if any(resized for _, resized in regions) else "at full resolution"
     content = f"image{'s' if len(paths) > 1 else ''} {', '.join(p.name for p in paths)} (centre, {where})"
@@ -378,7 +382,7 @@ def verify(
     against: Annotated[str | None, typer.Option(
         "--against", help="For a converted .pt2/.onnx: the original model spec to check it against.")] = None,
     samples: Annotated[int, typer.Option("--samples", min=1, help="Random inputs at the training size.")] = 4,
-    cells: Annotated[int, typer.Option("--cells", min=0, help="Dense cells to compare with crops (0: skip).")] = 8,
+    cells: Annotated[int, typer.Option("--cells", min=0, help="Dense cells to compare with crops, per image (0: skip).")] = 8,
     device: Annotated[str | None, typer.Option("--device", help="Also report figures on this device.")] = None,
     image: Annotated[list[Path] | None, typer.Option(
         "--image", help="Also compare on this image (repeatable): resized and centre-cropped to the training size, "
