@@ -36,14 +36,12 @@ def _top1_on_crops(model: torch.nn.Module, image: torch.Tensor) -> tuple[float, 
     g = fcn.geometry
     with torch.no_grad():
         dense = fcn(image.unsqueeze(0))[0]
-        agree = []
-        for i in range(dense.shape[1]):
-            for j in range(dense.shape[2]):
-                y, x = g.window_origin(i, j)
-                if y < 0 or x < 0 or y + 64 > image.shape[1] or x + 64 > image.shape[2]:
-                    continue
-                crop = image[:, y:y + 64, x:x + 64].unsqueeze(0)
-                agree.append(int(model(crop).argmax(1)) == int(dense[:, i, j].argmax()))
+        inside = [(i, j) for i in range(dense.shape[1]) for j in range(dense.shape[2])
+                  if min(g.window_origin(i, j)) >= 0 and g.window_origin(i, j)[0] + 64 <= image.shape[1]
+                  and g.window_origin(i, j)[1] + 64 <= image.shape[2]]
+        crops = torch.stack([image[:, y:y + 64, x:x + 64] for y, x in (g.window_origin(i, j) for i, j in inside)])
+        on_crops = model(crops).argmax(1)
+        agree = [int(on_crops[n]) == int(dense[:, i, j].argmax()) for n, (i, j) in enumerate(inside)]
     return sum(agree) / len(agree), len(agree)
 
 
