@@ -51,7 +51,7 @@ def test_dense_check_runs_on_the_users_image_and_counts_its_top1(tmp_path):
     weights = tmp_path / "r18.pth"
     torch.save(model.state_dict(), weights)
     photo = SAMPLES / "china.jpg"
-    report = _verify_json(weights, "--arch", "torchvision:resnet18", "--input-size", "64x64", "--cells", "1000",
+    report = _verify_json(weights, "--arch", "torchvision:resnet18", "--input-size", "64x64", "--samples", "1", "--cells", "1000",
                           "--image", photo)
     dense = report["dense"]
     assert dense["content"] == "image china.jpg (centre, at full resolution)"
