@@ -75,7 +75,8 @@ def run_cli(args: list[str], outdir: Path, timeout: float = 1800) -> dict:
 
     row = pq.read_table(outdir / "summary.parquet").to_pylist()[0]
     keys = ("tiles", "tiles_computed", "tiles_background", "runtime", "seconds", "map_height", "map_width",
-            "megapixels", "level", "downsample", "background_fraction")
+            "megapixels", "level", "downsample", "background_fraction", "foreground", "cells_masked",
+            "masked_fraction", "pixels_saved")
     result.update({k: row.get(k) for k in keys})
     masks = list(outdir.glob("*.mask.png"))
     if masks:

@@ -4,8 +4,7 @@ Sections: dense vs naive sliding window (and vs the bare backbone), gigapixel sl
 ``fcnify heatmap`` process (peak RSS and time against slide size, ResNet-50, network share, foreground
 skipping, a naive patch loop, tiles vs one shot on a PNG; ``gigapixel.py``), finer output stride by dilation vs
 shift-and-stitch, ONNX Runtime vs PyTorch on the CPU, local vs Ray engines, one slide's tiles over Ray workers
-and every viewer
-format (``clusters.py``), and CUDA precision/layout (skipped
+and every viewer format (``clusters.py``), skipping a slide's glass (``glass.py``), and CUDA precision/layout (skipped
 without CUDA).
 
     python benchmarks/run.py                 # the full run (about 40 minutes on 2 CPU cores)
@@ -334,6 +333,16 @@ def bench_geo(report: list[str], results: dict, quick: bool) -> None:
     report += ["## Satellite scenes", "", *lines]
 
 
+def bench_glass(report: list[str], results: dict, quick: bool) -> None:
+    """A slide with ~40 % glass, ``--foreground auto`` against ``all``, through the whole CLI: ``glass.py``."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import glass
+
+    lines, figures = glass.run(quick=quick)
+    results["glass"] = figures
+    report += ["## Skipping glass: `--foreground auto` vs `all`", "", *lines]
+
+
 def machine(threads: int) -> list[str]:
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
@@ -356,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-o", "--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="also write the raw figures as JSON")
-    parser.add_argument("--only", default="dense,gigapixel,stride,onnx,engines,clusters,geo,cuda",
+    parser.add_argument("--only", default="dense,gigapixel,stride,onnx,engines,clusters,geo,glass,cuda",
                         help="comma-separated sections")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
@@ -374,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
              ("engines", lambda: bench_engines(report, results, args.quick)),
              ("clusters", lambda: bench_clusters(report, results, args.quick)),
              ("geo", lambda: bench_geo(report, results, args.quick)),
+             ("glass", lambda: bench_glass(report, results, args.quick)),
              ("cuda", lambda: bench_cuda(cfg, report, results, args.quick))]
     for name, step in steps:
         if name in sections:

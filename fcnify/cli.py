@@ -33,12 +33,12 @@ from fcnify.heatmap.options import HeatmapOptions, validate_options
 from fcnify.heatmap.outputs import FORMAT_FILES, output_kind
 from fcnify.heatmap.ray_engine import RayOptions, require_ray
 from fcnify.heatmap.runners import ENGINES, run_job
-from fcnify.images import fit_to_window, prepare, read_image
+from fcnify.images import centre_region, fit_to_window, prepare, read_image
 from fcnify.inputs import ExpandedInputs, expand_inputs, read_manifest
 from fcnify.models import apply_preprocessing, load_model, require_input_size
 from fcnify.onnx_export import export_onnx
+from fcnify.verify import dense_input_size, verify_converted
 from fcnify.verify import verify as run_verify
-from fcnify.verify import verify_converted
 
 __all__ = ["app", "main"]
 
@@ -239,7 +239,7 @@ def _report_tables(report) -> list[Table]:
         d = report.dense
         which = f"output {d.output}: " if d.output else ""
         dense = Table(title=f"Dense map vs original on crops ({which}{d.input_size[0]}×{d.input_size[1]} input, "
-                            "max deviations)")
+                            f"max deviations) on {d.content}")
         for column in ("map", "cells", "abs dev", "rel dev", "top-1", "label", "cause"):
             dense.add_column(column)
         dense.add_row(f"{d.map_size[0]}×{d.map_size[1]}", str(d.cells_checked), _fmt(d.max_abs_error),
@@ -355,10 +355,24 @@ def _layout_line(source: str, layout: str) -> str:
     return f"input layout: N×C×H×W, as {source}"
 
 
-def _training_size_images(paths: list[Path], loaded, size) -> list:
-
-    return [prepare(fit_to_window(read_image(p), size), loaded.in_chans, loaded.mean, loaded.std).tensor
-            for p in paths]
+def _verification_images(paths: list[Path], loaded, fcn) -> tuple[list, list, str | None]:
+    """The user's images at the training size, their centres for the dense check (at their own resolution,
+    prepared as ``heatmap`` prepares them; a small image resized to cover), and what the dense check runs on,
+    for the report."""
+    if not paths:
+        return [], [], None
+    pictures = [read_image(p) for p in paths]
+    training = [prepare(fit_to_window(p, fcn.input_size), loaded.in_chans, loaded.mean, loaded.std).tensor
+                for p in pictures]
+    # Each image's centre, at least the synthetic scene's size and up to 8 strides past the window (more cells
+    # for --cells to sample, at a bounded float64 cost).
+    smallest, largest = dense_input_size(fcn.geometry), dense_input_size(fcn.geometry, grow=8)
+    regions = [centre_region(p, tuple(max(lo, min(side, hi)) for lo, side, hi in
+                                      zip(smallest, (p.height, p.width), largest, strict=True))) for p in pictures]
+    dense = [prepare(region, loaded.in_chans, loaded.mean, loaded.std).tensor for region, _ in regions]
+    where = "resized to cover" if any(resized for _, resized in regions) else "at full resolution"
+    content = f"image{'s' if len(paths) > 1 else ''} {', '.join(p.name for p in paths)} (centre, {where})"
+    return training, dense, content
 
 
 @app.command(cls=_Command)
@@ -371,11 +385,12 @@ def verify(
     against: Annotated[str | None, typer.Option(
         "--against", help="For a converted .pt2/.onnx: the original model spec to check it against.")] = None,
     samples: Annotated[int, typer.Option("--samples", min=1, help="Random inputs at the training size.")] = 4,
-    cells: Annotated[int, typer.Option("--cells", min=0, help="Dense cells to compare with crops (0: skip).")] = 8,
+    cells: Annotated[int, typer.Option(
+        "--cells", min=0, help="Dense cells to compare with crops, per image (0: skip).")] = 8,
     device: Annotated[str | None, typer.Option("--device", help="Also report figures on this device.")] = None,
     image: Annotated[list[Path] | None, typer.Option(
-        "--image",
-        help="Also compare on this image, resized and centre-cropped to the training size (repeatable).")] = None,
+        "--image", help="Also compare on this image (repeatable): resized and centre-cropped to the training size, "
+        "and its centre at full resolution for the dense check (default: a synthetic picture-like scene).")] = None,
     trust_model: TrustOpt = False,
     mean: MeanOpt = None,
     std: StdOpt = None,
@@ -406,8 +421,9 @@ def verify(
         _print_report(report, loaded.geometry, as_json)
         return
     fcn = _convert(loaded)
-    real = _training_size_images(image or [], loaded, fcn.input_size)
-    report = run_verify(loaded.original, fcn, samples=samples, images=real, device=device, dense_cells=cells)
+    real, dense_images, content = _verification_images(image or [], loaded, fcn)
+    report = run_verify(loaded.original, fcn, samples=samples, images=real, device=device, dense_cells=cells,
+                        dense_images=dense_images, dense_content=content, mean=loaded.mean, std=loaded.std)
     _print_report(report, fcn.geometry, as_json)
 
 

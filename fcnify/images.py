@@ -288,3 +288,18 @@ def fit_to_window(image: Image.Image, size: tuple[int, int]) -> Image.Image:
                            Image.Resampling.BILINEAR)
     top, left = (resized.height - height) // 2, (resized.width - width) // 2
     return resized.crop((left, top, left + width, top + height))
+
+
+def centre_region(image: Image.Image, size: tuple[int, int]) -> tuple[Image.Image, bool]:
+    """The centre ``size`` (height, width) of ``image`` at its own resolution, as a heatmap would see it.
+
+    An image smaller than ``size`` on a side is resized to cover it first (``fit_to_window``).
+
+    Returns:
+        The region, and whether the image had to be resized.
+    """
+    height, width = size
+    if image.height < height or image.width < width:
+        return fit_to_window(image, size), True
+    top, left = (image.height - height) // 2, (image.width - width) // 2
+    return image.crop((left, top, left + width, top + height)), False

@@ -5,6 +5,9 @@
    with TF32 off) are reported beside it.
 2. Above the training size: the dense map against the original classifier on the crop of each sampled cell.
    Padding-free networks without global context match exactly; others approximately, and the cause is named.
+   The content is the user's images when given, else a synthetic scene with the structure of a picture (smooth
+   shading, hard edges, texture): on iid noise a padded network's border cells can agree where on a photo they
+   do not. The report names the content.
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ _logger = logging.getLogger(__name__)
 FP64_RTOL = 1e-7  # float64 rounding of re-ordered sums stays many orders below this
 FP32_RTOL = 1e-4
 DENSE_EXACT_RTOL = 1e-4
+#: What the dense check runs on when no image is given (``DenseAgreement.content``).
+SYNTHETIC_CONTENT = "synthetic scene (smooth gradients, hard-edged shapes, texture)"
+# Normalisation of the synthetic scene when the model's is not known: 0–1 pixels to about ±2, as ImageNet's does.
+_NEUTRAL_MEAN, _NEUTRAL_STD = 0.5, 0.25
 
 
 @dataclass
@@ -65,6 +72,7 @@ class DenseAgreement:
     causes: list[str]
     tolerance: float
     output: str = ""  # the output compared, for a model with several ("" for one)
+    content: str = ""  # what the dense map and the crops were computed on (an image's name, or synthetic)
 
     @property
     def label(self) -> str:
@@ -208,28 +216,97 @@ def _sample_cells(h: int, w: int, count: int, generator: torch.Generator) -> lis
     return cells[:count]
 
 
+def dense_input_size(geometry, grow: int = 3) -> tuple[int, int]:
+    """The dense check's input: ``grow`` strides (+ a remainder, so that sizes off the stride grid are covered)
+    larger than the window."""
+    return (geometry.window[0] + grow * geometry.stride[0] + geometry.stride[0] // 2,
+            geometry.window[1] + (grow + 1) * geometry.stride[1] + 1)
+
+
+def synthetic_scene(in_chans: int, size: tuple[int, int], seed: int = 0) -> torch.Tensor:
+    """Picture-like test content: C×H×W float64 pixel values in 0–1, deterministic for a seed.
+
+    Pictures are spatially correlated: smooth shading, objects with hard edges, textured surfaces. iid noise has
+    none of that, so how a network's dense cells agree with its crops on noise says little about pictures.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    height, width = size
+
+    def uniform(*shape: int) -> torch.Tensor:
+        return torch.rand(*shape, generator=generator, dtype=torch.float64)
+
+    yy, xx = torch.meshgrid(torch.arange(height, dtype=torch.float64), torch.arange(width, dtype=torch.float64),
+                            indexing="ij")
+    # Shading: a vertical and a horizontal colour gradient.
+    image = (uniform(in_chans, 1, 1) * (1 - yy / height) + uniform(in_chans, 1, 1) * yy / height) * 0.7 \
+        + uniform(in_chans, 1, 1) * (xx / width) * 0.3
+    for index in range(8):  # objects: discs and rectangles, some textured with stripes
+        cy, cx = uniform(1).item() * height, uniform(1).item() * width
+        radius = (0.08 + 0.25 * uniform(1).item()) * min(height, width)
+        if index % 2:
+            inside = (yy - cy) ** 2 + (xx - cx) ** 2 < radius ** 2
+        else:
+            inside = ((yy - cy).abs() < radius) & ((xx - cx).abs() < radius * (0.5 + uniform(1).item()))
+        fill = uniform(in_chans, 1, 1).expand(in_chans, height, width)
+        if index % 3 == 0:
+            angle, period = uniform(1).item() * torch.pi, 3 + 9 * uniform(1).item()
+            stripes = torch.sin(2 * torch.pi * (yy * torch.sin(torch.tensor(angle)) + xx * torch.cos(
+                torch.tensor(angle))) / period)
+            fill = fill + 0.15 * stripes
+        image = torch.where(inside, fill, image)
+    image = image + 0.02 * torch.randn(image.shape, generator=generator, dtype=torch.float64)  # sensor noise
+    return image.clamp(0, 1)
+
+
+def _normalised_synthetic_scene(in_chans: int, size: tuple[int, int], mean, std, seed: int) -> torch.Tensor:
+    mean_t = torch.as_tensor(mean if mean is not None else (_NEUTRAL_MEAN,) * in_chans, dtype=torch.float64)
+    std_t = torch.as_tensor(std if std is not None else (_NEUTRAL_STD,) * in_chans, dtype=torch.float64)
+    return (synthetic_scene(in_chans, size, seed) - mean_t[:, None, None]) / std_t[:, None, None]
+
+
 @torch.no_grad()
 def check_dense(model: nn.Module, fcn: FullyConvolutionalNet, cells: int = 8, grow: int = 3,
-                seed: int = 0) -> DenseAgreement:
-    """Dense cells against the original on their crops, on an input ``grow`` strides (+ a remainder) larger."""
+                seed: int = 0, images: list[torch.Tensor] | None = None, content: str | None = None,
+                mean=None, std=None) -> DenseAgreement:
+    """Dense cells against the original on their crops, on content larger than the window.
+
+    Args:
+        model: the original classifier.
+        fcn: its conversion.
+        cells: cells to check per image (corners, centre, then random ones).
+        grow: without ``images``, the synthetic scene is ``grow`` strides (+ a remainder) larger than the window.
+        seed: for the synthetic scene and the cells chosen.
+        images: normalised C×H×W images, each at least the window, prepared as a heatmap prepares them (e.g. the
+            user's pictures); without them, a synthetic picture-like scene (``synthetic_scene``).
+        content: what ``images`` are, for the report (e.g. "image photo.jpg").
+        mean, std: the model's normalisation, applied to the synthetic scene (default: a neutral one).
+    """
     g, selected = fcn.geometry, getattr(fcn, "selected", "0")
-    size = (g.window[0] + grow * g.stride[0] + g.stride[0] // 2, g.window[1] + (grow + 1) * g.stride[1] + 1)
+    if not images:
+        images = [_normalised_synthetic_scene(fcn.in_chans, dense_input_size(g, grow), mean, std, seed)]
+        content = SYNTHETIC_CONTENT
     generator = torch.Generator().manual_seed(seed)
-    image = torch.randn(1, fcn.in_chans, *size, generator=generator, dtype=torch.float64)
-    ref = copy.deepcopy(model).double().eval()
-    dense = flatten_outputs(copy.deepcopy(fcn).double().eval()(image))[selected][0]
-    h, w = dense.shape[-2:]
-    chosen = [c for c in _sample_cells(h, w, cells, generator)]
-    crops, kept = [], []
-    for i, j in chosen:
-        y, x = g.window_origin(i, j)
-        if y < 0 or x < 0 or y + g.window[0] > size[0] or x + g.window[1] > size[1]:
-            continue  # a padded network's border cell whose window leaves the image has no crop
-        crops.append(image[0, :, y:y + g.window[0], x:x + g.window[1]])
-        kept.append((i, j))
-    reference = _logits(ref, torch.stack(crops))[selected]
-    candidate = torch.stack([dense[:, i, j] for i, j in kept])
+    ref, dense_net = copy.deepcopy(model).double().eval(), copy.deepcopy(fcn).double().eval()
+    references, candidates = [], []
+    for image in images:
+        image = image.double().unsqueeze(0)
+        size = tuple(image.shape[-2:])
+        dense = flatten_outputs(dense_net(image))[selected][0]
+        h, w = dense.shape[-2:]
+        crops, kept = [], []
+        for i, j in _sample_cells(h, w, cells, generator):
+            y, x = g.window_origin(i, j)
+            if y < 0 or x < 0 or y + g.window[0] > size[0] or x + g.window[1] > size[1]:
+                continue  # a padded network's border cell whose window leaves the image has no crop
+            crops.append(image[0, :, y:y + g.window[0], x:x + g.window[1]])
+            kept.append((i, j))
+        if kept:
+            references.append(_logits(ref, torch.stack(crops))[selected])
+            candidates.append(torch.stack([dense[:, i, j] for i, j in kept]))
+    reference, candidate = torch.cat(references), torch.cat(candidates)
     agreement = _compare_one(reference, candidate, "float64", "cpu", DENSE_EXACT_RTOL)
+    _logger.info("dense check on %s: %d cells, top-1 agreement %.0f%%", content, len(reference),
+                 100 * agreement.top1_agreement)
     causes = []
     if g.padded:
         causes.append("zero padding: near a crop's border the crop sees zeros where the dense pass sees image")
@@ -239,14 +316,15 @@ def check_dense(model: nn.Module, fcn: FullyConvolutionalNet, cells: int = 8, gr
         causes.append("'same' padding computed from the input size")
     causes.extend(g.notes)
     causes.extend(g.partial_windows)
-    return DenseAgreement(tuple(size), (h, w), len(kept), agreement.max_abs_error, agreement.max_rel_error,
+    return DenseAgreement(size, (h, w), len(reference), agreement.max_abs_error, agreement.max_rel_error,
                           agreement.top1_agreement, g.exact, causes, DENSE_EXACT_RTOL,
-                          selected if len(getattr(fcn, "output_names", ())) > 1 else "")
+                          selected if len(getattr(fcn, "output_names", ())) > 1 else "", content or "images")
 
 
 def verify(model: nn.Module, fcn: FullyConvolutionalNet, input_size=None, samples: int = 4,
            images: list[torch.Tensor] | None = None, device: str | None = None, dense_cells: int = 8,
-           seed: int = 0) -> EquivalenceReport:
+           seed: int = 0, dense_images: list[torch.Tensor] | None = None, dense_content: str | None = None,
+           mean=None, std=None) -> EquivalenceReport:
     """Measure how ``fcn`` agrees with ``model``: at the training size, and dense against crops.
 
     Args:
@@ -257,11 +335,15 @@ def verify(model: nn.Module, fcn: FullyConvolutionalNet, input_size=None, sample
         images: extra normalised image tensors at the training size.
         device: also report figures on this device (e.g. "cuda").
         dense_cells: cells to check against crops (0 skips the dense check).
+        dense_images, dense_content: what the dense check runs on, and its name for the report (see
+            ``check_dense``; default: a synthetic picture-like scene).
+        mean, std: the model's normalisation, for the synthetic scene.
     """
 
     size = parse_input_size(input_size) if input_size is not None else fcn.input_size
     strict, others, outputs = check_training_size(model, fcn, size, fcn.in_chans, samples, images, device, seed)
-    dense = check_dense(model, fcn, dense_cells, seed=seed) if dense_cells else None
+    dense = check_dense(model, fcn, dense_cells, seed=seed, images=dense_images, content=dense_content, mean=mean,
+                        std=std) if dense_cells else None
     outputs = [a for a in outputs if a.dtype == strict.dtype]  # the gate's figures (float32 for onnxruntime)
     return EquivalenceReport(strict, others, dense, fcn.geometry.to_dict(), outputs=outputs)
 

@@ -243,7 +243,7 @@ def write_slide(path: str | os.PathLike, size: tuple[int, int] = (1024, 1536), k
                 background: str = "white", tile: int = 256, levels: int = 3, mpp: float = 0.5,
                 bigtiff: bool = False, compression: str | None = "jpeg", seed: int = 0, density: float = 0.3,
                 thumbnail: bool = True, label_macro: bool = True, pyramid: str = "subifds",
-                quality: int = 85) -> Path:
+                quality: int = 85, tissue_width: float = 1.0) -> Path:
     """Write a synthetic pyramidal slide, streaming tiles; returns the path.
 
     Args:
@@ -262,6 +262,8 @@ def write_slide(path: str | os.PathLike, size: tuple[int, int] = (1024, 1536), k
         label_macro: svs only: add label and macro pages after the pyramid.
         pyramid: generic only: "subifds" or "pages" (levels as successive reduced top-level pages).
         quality: JPEG quality.
+        tissue_width: the share of the width, from the left, where tissue may lie; glass only to its right (a
+            section mounted on one side of the slide, its glass one contiguous region).
     """
     import tifffile
 
@@ -278,7 +280,11 @@ def write_slide(path: str | os.PathLike, size: tuple[int, int] = (1024, 1536), k
                    compressionargs=compressionargs)
 
     def level0(y, x, h, w):
-        return tissue_tile(y, x, h, w, background, seed, density)
+        pixels = tissue_tile(y, x, h, w, background, seed, density)
+        edge = max(0, round(tissue_width * w0) - x)  # glass from here on, in this tile's columns
+        if edge < w:
+            pixels[:, edge:] = tissue_tile(y, x + edge, h, w - edge, background, seed, 0.0)
+        return pixels
 
     buffers: list[_Buffer] = []
     try:

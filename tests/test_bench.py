@@ -20,7 +20,7 @@ def test_quick_benchmark_writes_the_report(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     text = out.read_text()
     for heading in ("Dense (one pass) vs naive sliding window", "Gigapixel slides through the CLI",
-                    "dilation vs shift-and-stitch", "ONNX Runtime", "CUDA"):
+                    "dilation vs shift-and-stitch", "ONNX Runtime", "Skipping glass", "CUDA"):
         assert heading in text
     assert "| resnet18 | 256 |" in text and "torch " in text and "threads" in text
     assert (tmp_path / "bench.json").exists()
