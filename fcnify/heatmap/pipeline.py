@@ -633,6 +633,7 @@ class TileShard:
         mask: the foreground mask (None: every cell), so the worker writes NaN where the local engine does.
         store: the partial ``.scores.zarr`` folder; each tile is one chunk, so workers never share one.
         pixels: input pixels of the tiles to do, which pick the runtime as the local engine would.
+        grids: the network's other outputs (``plan.OutputGrid``), whose arrays the worker writes too.
     """
 
     path: str
@@ -640,6 +641,7 @@ class TileShard:
     mask: plan.ForegroundMask | None
     store: Path
     pixels: int
+    grids: dict = field(default_factory=dict)
 
 
 class ImageRun:
@@ -710,6 +712,11 @@ class ImageRun:
                                     mpp=tuple(view.mpp) if view.mpp else None, **_level0(view, job.geometry),
                                     extra=_attrs_extra(job, tiles, self.mask, model))
         self.attrs.extra.update(geo.map_attrs(self.source, self.attrs.to_json()))
+        # A network's other outputs get arrays of their own in the score file (not for --scales maps).
+        self.grids, left_out = ({}, {}) if options.scales else plan.output_grids(job.fcn, tiles)
+        if self.grids or left_out:
+            self.attrs.extra["output_arrays"] = {name: _other_attrs(view, grid) for name, grid in self.grids.items()}
+            self.attrs.extra["outputs_left_out"] = left_out
         state = self.state = TileProgress(self.path, tiles.count)
         if options.scales:
             self.computed = [True]
@@ -726,11 +733,14 @@ class ImageRun:
                        "mean": list(model.mean), "std": list(model.std), "dtype": options.scores_dtype}
             if "reading" in self.attrs.extra:  # other bands or scaling: other values
                 run_key["reading"] = self.attrs.extra["reading"]
+            if self.grids:  # a resumed store must hold the same other outputs, laid out the same way
+                run_key["outputs"] = {name: [g.channels, list(g.map_size), list(g.chunks)]
+                                      for name, g in self.grids.items()}
             self.sink = sinks.ZarrSink(self.targets["scores"], tiles, self.attrs, run_key, options.scores_dtype,
-                                       self.resume)
+                                       self.resume, grids=self.grids)
             self.scores = self.sink.array
         else:
-            self.sink = sinks.ArraySink(len(model.labels), tiles.map_size)
+            self.sink = sinks.ArraySink(len(model.labels), tiles.map_size, self.grids)
             self.scores = self.sink.scores
         finished = getattr(self.sink, "done", set())
         self.todo = [t for t, c in zip(tiles.tiles(), self.computed, strict=True)
@@ -769,7 +779,8 @@ class ImageRun:
 
         batch = job.tiles_per_batch(self.tiles.tile(0).input_shape) if self.todo else 1
         state.pixels += compute.compute_tiles(self.view, self.tiles, network, job.bounds, self.todo, self.mask, write,
-                                              batch, labels=len(job.model.labels), done=done)
+                                              batch, labels=len(job.model.labels), done=done, grids=self.grids,
+                                              write_others=self.sink.write_others)
 
     def _todo_pixels(self) -> int:
         return sum(t.input_shape[0] * t.input_shape[1] for t in self.todo)
@@ -786,7 +797,7 @@ class ImageRun:
         if not isinstance(self.sink, sinks.ZarrSink):
             raise InternalError(f"{self.path}: only an image with a zarr store can be shared out tile by tile",
                                 hint="please report this")
-        return TileShard(self.path, self.tiles, self.mask, self.sink.folder, self._todo_pixels())
+        return TileShard(self.path, self.tiles, self.mask, self.sink.folder, self._todo_pixels(), self.grids)
 
     def tile_finished(self, index: int, peaks: compute.PeakTracker, runtime: str | None = None) -> None:
         """A worker wrote tile ``index`` into the store: record it (the resume log) and merge its peaks."""
@@ -836,7 +847,7 @@ class ImageRun:
                                                options.scores_levels), targets["scores"])
             else:
                 tmp = staged.path(targets["scores"])
-                sinks.write_npz(tmp, scores, self.attrs, summary)
+                sinks.write_npz(tmp, scores, self.attrs, summary, others=getattr(self.sink, "others", None))
             written = staged.commit()
         except OSError as exc:
             raise OutputError(f"cannot write the outputs of {self.stem}: {exc.strerror or exc}",
@@ -884,7 +895,7 @@ def compute_shard(shard: TileShard, indices: Sequence[int], job: ImageJob, view)
     Returns:
         ``[(index, PeakTracker of the tile)]`` in the order the tiles were written, and the runtime used.
     """
-    store = sinks.TileWriter(shard.store)
+    store = sinks.TileWriter(shard.store, shard.grids)
     network = job.runner(shard.pixels)
     labels = len(job.model.labels)
     finished: list[tuple[int, compute.PeakTracker]] = []
@@ -897,7 +908,8 @@ def compute_shard(shard: TileShard, indices: Sequence[int], job: ImageJob, view)
 
     tiles = [shard.plan.tile(i) for i in indices]
     batch = job.tiles_per_batch(tiles[0].input_shape) if tiles else 1
-    compute.compute_tiles(view, shard.plan, network, job.bounds, tiles, shard.mask, write, batch, labels=labels)
+    compute.compute_tiles(view, shard.plan, network, job.bounds, tiles, shard.mask, write, batch, labels=labels,
+                          grids=shard.grids, write_others=store.write_others)
     return finished, network.runtime
 
 
@@ -929,6 +941,13 @@ def _attrs_extra(job: ImageJob, tiles, mask, model: ModelInfo) -> dict:
             "output": job.output, "output_names": list(job.output_names),
             "foreground": None if mask is None else {"kind": mask.kind, "background": list(mask.background),
                                                      "fraction": round(mask.fraction, 6)}}
+
+
+def _other_attrs(view, grid) -> dict:
+    """The attributes of another output's array: its name, channels and geometry in level-0 pixels."""
+    return {"output": grid.name, "array": sinks.other_array(grid.name), "values": "raw",
+            "labels": [str(k) for k in range(grid.channels)], "map_size": list(grid.map_size),
+            **{key: list(value) for key, value in _level0(view, grid.geometry).items()}}
 
 
 def _multiscale(view, job: ImageJob, tiles, mask, attrs):
