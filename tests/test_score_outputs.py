@@ -196,3 +196,20 @@ def test_labels_count_the_selected_output_not_the_last_linear(scene):
     with np.load("h4/a.scores.npz") as data:
         assert data["labels"].tolist() == ["a", "b", "c", "d"] and data["output.0"].shape[0] == 2
     assert "has 4 classes" in one_line_error(invoke(*heat, "--output", "1", "--labels", "a,b", "-o", "h5"))
+
+
+def test_converted_files_store_every_output_too(scene):
+    """A ``.pt2`` (PyTorch) and an ``.onnx`` (onnxruntime) of the two-stride model, tiled into a zarr store."""
+    nets, x = scene
+    expected = one_pass(nets["LogitsAndEmbedding"], x)
+    converted = invoke("convert", "LogitsAndEmbedding.pth", "--arch", "wild_models:LogitsAndEmbedding",
+                       "--input-size", "16", "--mean", str(MEAN), "--std", str(STD), "-o", "le.pt2", "--onnx",
+                       "le.onnx")
+    assert converted.exit_code == 0, converted.output
+    for model in ("le.pt2", "le.onnx"):
+        result = invoke("heatmap", "a.tif", "-m", model, "--foreground", "all", "--formats", "scores", "--tile", "40",
+                        "--scores", "zarr", "-o", f"out-{model}")
+        assert result.exit_code == 0, result.output
+        group = zarr.open_group(f"out-{model}/a.scores.zarr", mode="r")
+        np.testing.assert_allclose(np.asarray(group["output.1"]), expected["1"], rtol=RTOL, atol=ATOL)
+        check_geometry(dict(group["output.1"].attrs), nets["LogitsAndEmbedding"].geometries["1"], 4)

@@ -489,8 +489,10 @@ class ForegroundCensus:
         return 1.0 - self.pixels / self.pixels_all if self.pixels_all else 0.0
 
 
-def foreground_census(plan: TilePlan, mask: ForegroundMask | None, bounds: NetworkBounds) -> ForegroundCensus:
-    """The tiles, cells and input pixels ``mask`` leaves to compute (the blocks ``compute_tiles`` runs)."""
+def foreground_census(plan: TilePlan, mask: ForegroundMask | None, bounds: NetworkBounds,
+                      whole_tiles: bool = False) -> ForegroundCensus:
+    """The tiles, cells and input pixels ``mask`` leaves to compute (the blocks ``compute_tiles`` runs; whole
+    tiles with any foreground where ``whole_tiles``: a network whose other outputs are stored too)."""
     everything = plan.input_pixels()
     if mask is None:
         return ForegroundCensus([True] * plan.count, 0, everything, everything)
@@ -499,7 +501,10 @@ def foreground_census(plan: TilePlan, mask: ForegroundMask | None, bounds: Netwo
         keep = _tile_mask(tile, mask, bounds)
         computed.append(bool(keep.any()))
         masked += int(keep.size - np.count_nonzero(keep))
-        pixels += sum(_pixels(b) for b in foreground_blocks(tile, keep, plan, bounds))
+        if whole_tiles:
+            pixels += _pixels(tile) if keep.any() else 0
+        else:
+            pixels += sum(_pixels(b) for b in foreground_blocks(tile, keep, plan, bounds))
     return ForegroundCensus(computed, masked, pixels, everything)
 
 

@@ -721,7 +721,7 @@ class ImageRun:
         if options.scales:
             self.computed = [True]
             return
-        self.census = compute.foreground_census(tiles, self.mask, job.bounds)
+        self.census = compute.foreground_census(tiles, self.mask, job.bounds, whole_tiles=bool(self.grids))
         self.computed = self.census.computed
         state.background = sum(1 for c in self.computed if not c)
         if not any(self.computed):
