@@ -239,8 +239,9 @@ def _all_outputs(fcn: nn.Module, geometry, bounds: NetworkBounds) -> tuple[list[
     (``output_grids``), and is never smaller than any output's window."""
     lo, hi = list(bounds.lo), list(bounds.hi)
     windows = [int(w) for w in geometry.window]
-    for other in (getattr(fcn, "geometries", None) or {}).values():
-        if other is None or other is geometry:
+    selected = getattr(fcn, "selected", None)
+    for name, other in (getattr(fcn, "geometries", None) or {}).items():
+        if other is None or name == selected:
             continue
         theirs = bounds_of(other)
         for a in range(2):
