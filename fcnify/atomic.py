@@ -15,6 +15,8 @@ from pathlib import Path
 
 from fcnify.errors import OutputError
 
+__all__ = ["atomic_output", "temp_beside"]
+
 
 def _umask() -> int:
     mask = os.umask(0)

@@ -28,6 +28,11 @@ from fcnify.convert.outputs import SINGLE, MultiOutputNet, OutputInfo
 from fcnify.errors import ExportError, ModelLoadError, UnsafeModelError, first_line
 from fcnify.introspect import placement
 
+__all__ = [
+    "METADATA_NAME", "export_program", "ExportedNet", "inspect_pt2", "load_pt2", "ModelMetadata",
+    "Pt2Inspection", "save_pt2"
+]
+
 _logger = logging.getLogger(__name__)
 
 METADATA_NAME = "fcnify.json"

@@ -13,6 +13,8 @@ from fcnify.heatmap.sinks import is_output_name
 from fcnify.heatmap.summary import SUMMARY_NAME
 from fcnify.images import IMAGE_EXTENSIONS
 
+__all__ = ["READABLE_EXTENSIONS", "SLIDE_EXTENSIONS", "expand_inputs", "ExpandedInputs", "read_manifest"]
+
 _logger = logging.getLogger(__name__)
 
 #: Whole-slide and tiled formats read through tifffile or openslide (``heatmap.sources``).

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from torch import nn
 
+__all__ = ["LoadedModel"]
+
 # Where mean/std came from (``LoadedModel.normalisation``): fcnify says so when it had to assume them.
 FROM_FLAG, FROM_METADATA, FROM_ZOO, ASSUMED = "flag", "metadata", "zoo", "assumed (ImageNet)"
 

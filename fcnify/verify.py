@@ -233,6 +233,7 @@ def check_dense(model: nn.Module, fcn: FullyConvolutionalNet, cells: int = 8, gr
     if g.size_dependent_padding:
         causes.append("'same' padding computed from the input size")
     causes.extend(g.notes)
+    causes.extend(g.partial_windows)
     return DenseAgreement(tuple(size), (h, w), len(kept), agreement.max_abs_error, agreement.max_rel_error,
                           agreement.top1_agreement, g.exact, causes, DENSE_EXACT_RTOL,
                           selected if len(getattr(fcn, "output_names", ())) > 1 else "")

@@ -79,8 +79,7 @@ def test_local_engine_writes_one_summary_file_with_the_schema(scenes, tmp_path):
     for r, scene in zip(good, SCENES[:3], strict=True):
         assert r["path"] == str(scenes / scene.name) and r["stem"] == scene.stem and not r["skipped"]
         assert len(r["top"]) == 2 and r["outputs"][0] == f"{scene.stem}.heatmap.png"
-        assert set(r["outputs"]) == {f"{scene.stem}.{kind}" for kind in ("heatmap.png", "classes.png", "mask.png",
-                                                                         "scores.npz")}
+        assert set(r["outputs"]) == {f"{scene.stem}.{kind}" for kind in ("heatmap.png", "classes.png", "scores.npz")}
         assert (r["level"], r["downsample"], r["mpp"]) == (0, 1.0, None)
         assert r["tiles"] >= 1 and r["tiles_computed"] + r["tiles_background"] == r["tiles"]
         assert r["tiles_resumed"] == 0 and r["background_fraction"] == r["tiles_background"] / r["tiles"]

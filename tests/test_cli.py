@@ -144,8 +144,8 @@ def test_heatmap_goes_on_past_a_bad_image_and_reports_it(tmp_path):
     result = invoke("heatmap", SAMPLES / "digits_scene_2.png", bad, tmp_path / "missing.png", "-o", out)
     assert_clean_error(result, 1, "2 of 3 images failed", "broken.png")
     assert sorted(p.name for p in out.iterdir()) == [
-        "digits_scene_2.classes.png", "digits_scene_2.heatmap.png", "digits_scene_2.mask.png",
-        "digits_scene_2.scores.npz", "summary.parquet"]
+        "digits_scene_2.classes.png", "digits_scene_2.heatmap.png", "digits_scene_2.scores.npz",
+        "summary.parquet"]  # no mask: an ordinary picture has every cell computed by default
     import pyarrow.parquet as pq
 
     summary = pq.read_table(out / "summary.parquet").to_pylist()

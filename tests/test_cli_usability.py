@@ -146,7 +146,7 @@ def test_library_log_lines_stay_off_the_terminal_unless_verbose(tmp_path):
 
     def run(*flags):
         return subprocess.run([sys.executable, "-m", "fcnify", *flags, "heatmap", str(odd), "-o", str(tmp_path / "o"),
-                               "--formats", "scores"], capture_output=True, text=True, env=env, timeout=120)
+                               "--formats", "scores", "--foreground", "all"], capture_output=True, text=True, env=env, timeout=120)
 
     quiet = run()
     assert quiet.returncode == 0, quiet.stderr

@@ -22,7 +22,8 @@ def test_heatmap_peak_lies_within_a_stride_of_the_glyph_centre(tmp_path, index, 
     path = tmp_path / "one_digit.png"
     Image.fromarray(scene).convert("RGB").save(path)
     result = CliRunner().invoke(app, ["heatmap", str(path), "-o", str(tmp_path / "out"), "--class", str(label),
-                                      "--cmap", "gray", "--alpha", "1"])
+                                      "--cmap", "gray", "--alpha", "1",
+                                      "--foreground", "auto"])  # a picture: masking only when asked
     assert result.exit_code == 0, result.output
     heat = split_heatmap(tmp_path / "out" / "one_digit.heatmap.png", "L")[0].astype(np.float64)  # no legend
     assert heat.shape == scene.shape

@@ -114,19 +114,19 @@ def test_cli_tile_output_stride_scales(scene, tmp_path):
     --scales writes the pyramid (every cell computed: ``--foreground all``)."""
     plain = heatmap(scene, tmp_path / "plain", "--foreground", "all")
     assert plain.exit_code == 0, plain.output
-    assert json.loads(plain.output)["rows"][0]["tiles"] == 1
+    assert json.loads(plain.stdout)["rows"][0]["tiles"] == 1
     reference = load(tmp_path / "plain")["logits"]
     assert reference.shape == (11, (96 - 32) // 4 + 1, (128 - 32) // 4 + 1) and np.isfinite(reference).all()
     tiled = heatmap(scene, tmp_path / "tiled", "--tile", 48, "--foreground", "all")
     assert tiled.exit_code == 0, tiled.output
-    assert json.loads(tiled.output)["rows"][0]["tiles"] == 4 * 5  # 5 cells of 4 px per 48 px tile
+    assert json.loads(tiled.stdout)["rows"][0]["tiles"] == 4 * 5  # 5 cells of 4 px per 48 px tile
     np.testing.assert_allclose(load(tmp_path / "tiled")["logits"], reference, rtol=1e-4, atol=1e-4)
     budget = heatmap(scene, tmp_path / "budget", "--max-memory", "1GB", "--foreground", "all")
     assert budget.exit_code == 0, budget.output
     np.testing.assert_allclose(load(tmp_path / "budget")["logits"], reference, rtol=1e-4, atol=1e-4)
     fine = heatmap(scene, tmp_path / "fine", "--output-stride", 2, "--tile", 64, "--foreground", "all")
     assert fine.exit_code == 0, fine.output
-    assert json.loads(fine.output)["rows"][0]["tiles"] > 1
+    assert json.loads(fine.stdout)["rows"][0]["tiles"] > 1
     data = load(tmp_path / "fine")
     assert tuple(data["stride"]) == (2, 2) and tuple(data["window"]) == (32, 32)
     assert data["logits"].shape[1:] == ((96 - 32) // 2 + 1, (128 - 32) // 2 + 1)
@@ -139,7 +139,7 @@ def test_cli_tile_output_stride_scales(scene, tmp_path):
     assert data["scores_scale_2"].shape == (11, (192 - 32) // 4 + 1, (256 - 32) // 4 + 1)
     np.testing.assert_allclose(data["scores_scale_1"], load(tmp_path / "plain")["scores"], atol=1e-5)
     np.testing.assert_allclose(data["scores"], data["scores_by_scale"].max(0), atol=1e-6)
-    row = json.loads(multi.output)["rows"][0]
+    row = json.loads(multi.stdout)["rows"][0]
     assert tuple(row["map_size"]) == data["scores"].shape[1:] == load(tmp_path / "plain")["scores"].shape[1:]
 
 

@@ -126,9 +126,9 @@ def test_every_manifest_format_on_ray(local_ray, scenes, tmp_path, kind):
     assert result.exit_code == 0, result.output
     assert report["ok"] == 2
     stems = [Path(i).stem for i in images]
-    # The scenes are digits on black: --foreground auto finds the background and saves its mask too.
+    # Ordinary pictures: every cell computed by default, so no background mask is written.
     assert output_files(outdir) == {f"{s}.{suffix}" for s in stems
-                                    for suffix in ("heatmap.png", "classes.png", "mask.png", "scores.npz")}
+                                    for suffix in ("heatmap.png", "classes.png", "scores.npz")}
     assert read_summary(outdir).column("stem").to_pylist() == stems
 
 
@@ -169,8 +169,7 @@ def test_resume_redoes_exactly_the_incomplete_inputs(local_ray, scenes, tmp_path
         for path in outdir.glob(f"{name}.*"):
             assert path.stat().st_mtime_ns == before[path.name]
     for name in names[:2]:
-        assert all((outdir / f"{name}.{s}").is_file() for s in ("heatmap.png", "classes.png", "mask.png",
-                                                                "scores.npz"))
+        assert all((outdir / f"{name}.{s}").is_file() for s in ("heatmap.png", "classes.png", "scores.npz"))
     # Skipped rows are filled from their scores.npz: the same as a fresh run's.
     fresh = tmp_path / "fresh"
     assert heatmap(scenes, "-o", fresh)[0].exit_code == 0

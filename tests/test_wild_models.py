@@ -74,7 +74,8 @@ def test_the_cascade_net_names_its_ceil_mode_pool_as_why_dense_cells_differ():
     fcn = convert(wild.build("CascadeRNet"), (24, 24))
     for geometry in fcn.geometries.values():
         assert not geometry.padded and not geometry.global_context and not geometry.exact
-        assert len(geometry.notes) == 1 and "ceil-mode pool 'pool1'" in geometry.notes[0]  # pool2 divides evenly
+        assert not geometry.notes and len(geometry.partial_windows) == 1  # pool2 divides evenly
+        assert "ceil-mode pool 'pool1'" in geometry.partial_windows[0]
         assert geometry.stride == (4, 4)
     # One stride more input gives one more cell, whatever the ceil mode adds at other sizes.
     with torch.no_grad():

@@ -19,6 +19,8 @@ import torch.fx
 from fcnify.convert.ops import RESHAPE_NAMES, keepdim, op_name, reduction_dims
 from fcnify.convert.trace import shape_of
 
+__all__ = ["analyse", "Analysis", "input_nodes", "Kind", "NodeInfo"]
+
 
 class Kind(enum.Enum):
     SPATIAL = "spatial"

@@ -22,6 +22,8 @@ from fcnify.convert.ops import node_arg, op_name, pair, window_params
 from fcnify.convert.trace import shape_of
 from fcnify.introspect import placement
 
+__all__ = ["compute_geometry", "Geometry", "SizeStep"]
+
 _logger = logging.getLogger(__name__)
 
 
@@ -99,6 +101,9 @@ class Geometry:
         size_steps: the size-changing ops from the input to the map, in order (``SizeStep``): the map's size
             for any input follows from them as a one-pass forward gives it (None: not known, e.g. a file
             written before fcnify recorded them).
+        partial_windows: ceil-mode pools whose last window hangs over the training-size edge: at the training
+            size it holds fewer pixels, in a dense pass it sees image the crop does not have, so dense cells
+            approximate crops. Each cell still depends only on its receptive field (tiling stays exact).
     """
 
     stride: tuple[int, int]
@@ -111,11 +116,13 @@ class Geometry:
     size_dependent_padding: bool = False
     notes: tuple[str, ...] = field(default_factory=tuple)
     size_steps: tuple[SizeStep, ...] | None = None
+    partial_windows: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def exact(self) -> bool:
         """Whether every dense cell equals the original classifier on its window (up to rounding)."""
-        return not (self.padded or self.global_context or self.size_dependent_padding or self.notes)
+        return not (self.padded or self.global_context or self.size_dependent_padding or self.notes
+                    or self.partial_windows)
 
     def map_size(self, height: int, width: int) -> tuple[int, int]:
         """Cells of the score map a one-pass forward gives for an input of ``height`` × ``width``.
@@ -152,7 +159,7 @@ class Geometry:
             "stride": list(self.stride), "offset": list(self.offset), "window": list(self.window),
             "receptive_field": list(self.receptive_field), "rf_centre": list(self.rf_centre), "padded": self.padded,
             "global_context": self.global_context, "size_dependent_padding": self.size_dependent_padding,
-            "exact": self.exact, "notes": list(self.notes),
+            "exact": self.exact, "notes": list(self.notes), "partial_windows": list(self.partial_windows),
             "size_steps": None if self.size_steps is None else [step.to_dict() for step in self.size_steps],
         }
 
@@ -164,7 +171,7 @@ class Geometry:
             padded=bool(data.get("padded", False)),
             global_context=bool(data.get("global_context", False)),
             size_dependent_padding=bool(data.get("size_dependent_padding", False)),
-            notes=tuple(data.get("notes", ())),
+            notes=tuple(data.get("notes", ())), partial_windows=tuple(data.get("partial_windows", ())),
             size_steps=None if data.get("size_steps") is None
             else tuple(SizeStep.from_dict(step) for step in data["size_steps"]),
         )
@@ -194,6 +201,7 @@ class _Flags:
     global_context: bool = False
     size_dependent_padding: bool = False
     notes: list[str] = field(default_factory=list)
+    partial_windows: list[str] = field(default_factory=list)
 
 
 def _window_params(node: torch.fx.Node, name: str, module: nn.Module | None, in_hw, flags: _Flags):
@@ -219,7 +227,7 @@ def _window_params(node: torch.fx.Node, name: str, module: nn.Module | None, in_
         # larger image and sees pixels the crop does not have.
         overhang = [(-(i + 2 * pp - dd * (kk - 1) - 1)) % st for i, pp, kk, st, dd in zip(in_hw, p, k, s, d)]
         if any(overhang):
-            flags.notes.append(
+            flags.partial_windows.append(
                 f"ceil-mode pool '{node.name}' (kernel {k[0]}×{k[1]}, stride {s[0]}×{s[1]}) has a partial window at "
                 f"the training-size edge ({overhang[0]}×{overhang[1]} positions of its {in_hw[0]}×{in_hw[1]} input "
                 "missing): there a dense cell sees image that the crop does not")
@@ -329,7 +337,7 @@ def compute_geometry(gm: torch.fx.GraphModule, input_size: tuple[int, int], glob
         receptive_field=tuple(int(round(v)) for v in output_cell.rf),
         rf_centre=tuple(float(v) for v in output_cell.centre), padded=flags.padded,
         global_context=flags.global_context, size_dependent_padding=flags.size_dependent_padding,
-        notes=tuple(dict.fromkeys(flags.notes)),
+        notes=tuple(dict.fromkeys(flags.notes)), partial_windows=tuple(dict.fromkeys(flags.partial_windows)),
         size_steps=_checked_steps(output_cell.steps, input_size),
     )
 

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+__all__ = ["batchnorm1d_to_2d", "ChannelLayerNorm", "linear_to_conv"]
+
 
 class ChannelLayerNorm(nn.Module):
     """LayerNorm over the channel dimension of an N×C×H×W map: the position-wise twin of LayerNorm(C)."""

@@ -13,6 +13,8 @@ from fcnify.convert.geometry import Geometry
 from fcnify.convert.outputs import SINGLE, MultiOutputNet, OutputInfo
 from fcnify.convert.rules import Rewrite
 
+__all__ = ["FullyConvolutionalNet"]
+
 
 class FullyConvolutionalNet(MultiOutputNet, nn.Module):
     """A converted classifier: maps N×C×H×W images (H, W ≥ the training size) to N×K×h×w logits.

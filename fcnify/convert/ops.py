@@ -14,6 +14,12 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+__all__ = [
+    "ARITHMETIC_NAMES", "ELEMENTWISE_MODULES", "ELEMENTWISE_NAMES", "REDUCTION_NAMES", "RESHAPE_NAMES",
+    "SHAPE_QUERY_NAMES", "explicit_padding", "keepdim", "node_arg", "op_name", "pair", "reduction_dims",
+    "window_params", "WindowParams"
+]
+
 _FUNCTION_NAMES: dict[object, str] = {
     torch.flatten: "flatten", torch.reshape: "reshape", torch.squeeze: "squeeze", torch.unsqueeze: "unsqueeze",
     torch.permute: "permute", torch.transpose: "transpose", torch.mean: "mean", torch.sum: "sum",

@@ -12,6 +12,8 @@ import logging
 import torch.fx
 from torch import nn
 
+__all__ = ["commute_pool_and_classifier"]
+
 _logger = logging.getLogger(__name__)
 
 

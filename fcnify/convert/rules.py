@@ -43,6 +43,11 @@ from fcnify.convert.ops import (
 from fcnify.convert.trace import shape_of
 from fcnify.errors import ConversionError
 
+__all__ = [
+    "BOUNDARY_RULES", "HEAD_RULES", "Positionwise", "Rewrite", "RewriteContext", "Unflattened",
+    "boundary_rule", "head_rule", "head_rule_for"
+]
+
 
 @dataclass(frozen=True)
 class Unflattened:

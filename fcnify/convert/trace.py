@@ -21,6 +21,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from fcnify.errors import ConversionError, describe
 
+__all__ = ["capture", "propagate_shapes", "shape_of"]
+
 _logger = logging.getLogger(__name__)
 
 _MAX_FALLBACK_LEAVES = 64

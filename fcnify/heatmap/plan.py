@@ -104,15 +104,9 @@ def bounds_of(geometry) -> NetworkBounds:
         why = "it pads by an amount computed from the input size ('same' padding)"
     elif geometry.global_context:
         why = "it pools over the whole image inside its body (squeeze-excitation)"
-    elif _tiling_notes(geometry.notes):
-        why = f"its geometry is approximate ({_tiling_notes(geometry.notes)[0]})"
+    elif geometry.notes:  # a ceil-mode pool's partial window is no note: tiles keep the one-pass grid
+        why = f"its geometry is approximate ({geometry.notes[0]})"
     return NetworkBounds(stride, lo, hi, offset, tuple(int(w) for w in geometry.window), not why, why)
-
-
-def _tiling_notes(notes) -> list[str]:
-    """The notes that make tiles inexact: a ceil-mode pool's partial window only separates a dense cell from its
-    crop; tiles keep the one-pass grid (they end where the image ends, see ``_plan_axis``)."""
-    return [n for n in notes if not n.startswith("ceil-mode pool")]
 
 
 def map_size(fcn: nn.Module, geometry, in_chans: int, size: tuple[int, int]) -> tuple[int, int]:

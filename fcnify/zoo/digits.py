@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+__all__ = ["DIGITS_LABELS", "STRIDE", "WINDOW", "DigitsNet"]
+
 DIGITS_LABELS: tuple[str, ...] = ("0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "background")
 """Class names, in output order (index 10 is ``"background"``)."""
 

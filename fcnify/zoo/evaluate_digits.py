@@ -28,6 +28,11 @@ from fcnify.convert import convert
 from fcnify.zoo import DIGITS_LABELS, DIGITS_META, load_digits_model
 from fcnify.zoo.scenes import DEFAULT_NOISE_SIGMA, GlyphBox, load_split, random_scene
 
+__all__ = [
+    "BACKGROUND_INDEX", "BACKGROUND_TARGET", "DIGIT_TARGET", "dense_model", "EvalResult", "evaluate",
+    "evaluate_scenes", "heldout_scenes", "main", "make_scenes", "scene_to_tensor"
+]
+
 DIGIT_TARGET = 0.95
 BACKGROUND_TARGET = 0.99
 BACKGROUND_INDEX = DIGITS_LABELS.index("background")

@@ -25,6 +25,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+__all__ = [
+    "BORDER_MARGIN", "DEFAULT_NOISE_SIGMA", "GLYPH_SIZE", "HELDOUT_RANGE", "MIN_GAP", "TRAIN_RANGE",
+    "add_noise", "box_gap", "boxes_separated", "GlyphBox", "load_split", "make_scene", "place_boxes",
+    "random_scene", "render_glyph", "save_png", "to_rgb"
+]
+
 GLYPH_SIZE = 24
 """Side of a rendered glyph box, in pixels (8x8 digit upscaled 3x)."""
 

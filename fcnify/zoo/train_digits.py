@@ -37,6 +37,11 @@ from fcnify.zoo import DIGITS_LABELS, DIGITS_META, ZOO_DIR, DigitsNet
 from fcnify.zoo.evaluate_digits import dense_model, evaluate_scenes, make_scenes
 from fcnify.zoo.scenes import GLYPH_SIZE, MIN_GAP, load_split, place_boxes, render_glyph
 
+__all__ = [
+    "BACKGROUND", "CENTRE_OFFSET", "JITTER", "PAD", "WINDOW", "main", "normalise", "save", "train",
+    "window_accuracy", "WindowSampler"
+]
+
 WINDOW = DIGITS_META["input_size"][0]
 CENTRE_OFFSET = (WINDOW - GLYPH_SIZE) // 2  # glyph box top-left inside a window when centred (4)
 JITTER = 3
