@@ -1,7 +1,7 @@
 """Dense evaluation: run a fully-convolutional network over whole images and keep its class score maps.
 
 ``score_maps`` takes prepared images (or plain C×H×W tensors), batches those of the same size, runs the
-network once per batch (``_forward``, the one place that touches the device and precision) and returns one
+network once per batch (``device.run_network``, the one place that touches the device and precision) and returns one
 ``ScoreMap`` per image, with the map's geometry expressed in the original image's pixels.
 """
 

@@ -105,11 +105,15 @@ def place_model(fcn: nn.Module, device: torch.device) -> nn.Module:
     return fcn
 
 
-def run_network(fcn: nn.Module, batch: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def run_network(fcn: nn.Module, batch: torch.Tensor, device: torch.device, dtype: torch.dtype,
+                every: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
     """One forward pass of an N×C×H×W batch; returns N×K×h×w float32 logits on the CPU.
 
     Reduced precision uses ``torch.autocast`` (the weights stay as they are; convolutions and matrix
     products run in fp16/bf16, the rest in fp32).
+
+    Args:
+        every: return every output's map by name (``output_names`` order) instead of the selected one.
     """
     batch = batch.to(device, non_blocking=True)
     if device.type in ("cuda", "mps"):
@@ -120,6 +124,8 @@ def run_network(fcn: nn.Module, batch: torch.Tensor, device: torch.device, dtype
         else:
             with torch.autocast(device_type=device.type, dtype=dtype):
                 out = fcn(batch)
+    if every:
+        return _every_output(fcn, out)
     if not isinstance(out, torch.Tensor) and getattr(fcn, "selected", None) is not None:
         out = flatten_outputs(out).get(fcn.selected, out)  # a network with several outputs: the selected map
     if not isinstance(out, torch.Tensor) or out.dim() != 4:
@@ -127,6 +133,15 @@ def run_network(fcn: nn.Module, batch: torch.Tensor, device: torch.device, dtype
         raise InputError(f"the network returned {shape}, not an N×K×h×w score map",
                          hint="give a converted (fully-convolutional) network")
     return out.float().cpu()
+
+
+def _every_output(fcn: nn.Module, out) -> dict[str, torch.Tensor]:
+    """Every output map of one forward's result by the network's output names, float32 on the CPU."""
+    maps = flatten_outputs(out)
+    names = tuple(getattr(fcn, "output_names", ()) or ())
+    if names and tuple(maps) != names and len(maps) == len(names):  # a runtime that names outputs by position
+        maps = dict(zip(names, maps.values(), strict=True))
+    return {name: value.float().cpu() for name, value in maps.items()}
 
 
 def guarded_forward(run: Callable[[], torch.Tensor], shape, images: int = 1) -> torch.Tensor:

@@ -26,7 +26,7 @@ from torch import nn
 from fcnify.convert.from_export import rebuild_modules
 from fcnify.device import check_precision, guarded_forward, place_model, run_network, select_device
 from fcnify.errors import InputError, InternalError
-from fcnify.heatmap.plan import ForegroundMask, NetworkBounds, Tile, TilePlan, tile_span
+from fcnify.heatmap.plan import ForegroundMask, NetworkBounds, OutputGrid, Tile, TilePlan, tile_span
 from fcnify.heatmap.scoremap import check_class_count
 from fcnify.onnx_export import export_onnx
 from fcnify.onnx_runtime import OnnxNet
@@ -106,6 +106,11 @@ class TileNetwork:
         """N×C×H×W normalised input → N×K×h×w float32 logits on the CPU (one-line errors)."""
         return guarded_forward(lambda: run_network(self.module, batch, self.device, self.dtype), batch.shape,
                                len(batch))
+
+    def run_every(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """N×C×H×W normalised input → every output's N×K×h×w float32 map by name, on the CPU."""
+        return guarded_forward(lambda: run_network(self.module, batch, self.device, self.dtype, every=True),
+                               batch.shape, len(batch))
 
 
 def choose_runtime(fcn: nn.Module, metadata, runtime: str, device: torch.device, precision: str,
@@ -310,7 +315,8 @@ def _kept(tile: Tile, logits: torch.Tensor, stride: tuple[int, int]) -> torch.Te
 def compute_tiles(view, plan: TilePlan, network: TileNetwork, bounds: NetworkBounds, tiles: list[Tile],
                   mask: ForegroundMask | None, write: Callable[[Tile, np.ndarray], None],
                   batch_size: int = 1, prefetch: int = 2, labels: int | None = None,
-                  done: Callable[[Tile], None] | None = None) -> int:
+                  done: Callable[[Tile], None] | None = None, grids: dict[str, OutputGrid] | None = None,
+                  write_others: Callable[[Tile, dict[str, np.ndarray]], None] | None = None) -> int:
     """Run ``tiles`` of ``view`` through ``network`` and hand each tile's probabilities to ``write``.
 
     A tile whose cells are partly background runs only on the blocks of it that ``foreground_blocks`` keeps
@@ -324,33 +330,49 @@ def compute_tiles(view, plan: TilePlan, network: TileNetwork, bounds: NetworkBou
         batch_size: tiles of the same input size run together, at most this many.
         labels: the number of class labels, checked against the network's output.
         done: called after ``write`` for each tile (progress, the resume record).
+        grids: the network's other outputs (``plan.output_grids``): each tile's cells of them, raw values (not
+            softmaxed: a box regression or an embedding is no distribution), go to ``write_others`` before
+            ``done``. With other outputs a partly-background tile runs whole (their cells are not cut by the
+            selected output's mask); only whole background tiles leave them NaN.
 
     Returns:
         The input pixels pushed through the network (halos included).
     """
     pushed = 0
+    grids = grids or {}
+    others: list[dict[str, np.ndarray]] = []  # the last ``run``'s other outputs, per piece
 
     def run(pieces: list[tuple[Tile, np.ndarray]]) -> list[np.ndarray]:
-        nonlocal pushed
+        nonlocal pushed, others
         inputs = torch.stack([to_model_input(region, network.in_chans, network.mean, network.std, piece.input_shape)
                               for piece, region in pieces])
         pushed += int(inputs.shape[0]) * int(inputs.shape[-2]) * int(inputs.shape[-1])
-        logits = network.run(inputs)
+        if grids:
+            maps = network.run_every(inputs)
+            logits = maps[network.module.selected]
+            others = [{name: np.ascontiguousarray(grid.kept(piece, maps[name][k]).numpy(), dtype=np.float32)
+                       for name, grid in grids.items()} for k, (piece, _) in enumerate(pieces)]
+        else:
+            logits = network.run(inputs)
         if labels is not None:
             check_class_count(logits.shape[1], labels)
         return [torch.softmax(_kept(piece, logits[k], plan.stride), dim=0).numpy() for k, (piece, _) in
                 enumerate(pieces)]
 
-    def finish(tile: Tile, scores: np.ndarray, keep: np.ndarray | None) -> None:
+    def finish(tile: Tile, scores: np.ndarray, keep: np.ndarray | None, extra: dict | None = None) -> None:
         if keep is not None:
             scores = np.where(keep[None], scores, np.float32(np.nan))
         write(tile, np.ascontiguousarray(scores, dtype=np.float32))
+        if extra and write_others is not None:
+            write_others(tile, extra)
         if done is not None:
             done(tile)
 
     def flush(batch: list[tuple[Tile, np.ndarray, np.ndarray | None]]) -> None:
-        for (tile, _, keep), scores in zip(batch, run([(t, r) for t, r, _ in batch]), strict=True):
-            finish(tile, scores, keep)
+        scores = run([(t, r) for t, r, _ in batch])
+        extras = others if grids else [None] * len(batch)
+        for (tile, _, keep), tile_scores, extra in zip(batch, scores, extras, strict=True):
+            finish(tile, tile_scores, keep, extra)
 
     def in_parts(tile: Tile, region: np.ndarray, keep: np.ndarray, blocks: list[Tile]) -> None:
         scores = None
@@ -371,7 +393,7 @@ def compute_tiles(view, plan: TilePlan, network: TileNetwork, bounds: NetworkBou
     pending: list[tuple[Tile, np.ndarray, np.ndarray | None]] = []
     for tile, region in read_tiles(view, plan, tiles, prefetch):
         keep = None if mask is None else _tile_mask(tile, mask, bounds)
-        if keep is not None:
+        if keep is not None and not grids:
             blocks = foreground_blocks(tile, keep, plan, bounds)
             if blocks != [tile]:
                 in_parts(tile, region, keep, blocks)
@@ -423,7 +445,7 @@ def foreground_blocks(tile: Tile, keep: np.ndarray, plan: TilePlan, bounds: Netw
 
     def span(axis: int, first: int, last: int):
         return tile_span(first, last, plan.map_size[axis], plan.canvas[axis], plan.stride[axis], bounds.lo[axis],
-                         bounds.hi[axis])
+                         bounds.hi[axis], plan.min_input[axis])
 
     best, cost = [tile], _pixels(tile)
     band = rows
@@ -468,8 +490,10 @@ class ForegroundCensus:
         return 1.0 - self.pixels / self.pixels_all if self.pixels_all else 0.0
 
 
-def foreground_census(plan: TilePlan, mask: ForegroundMask | None, bounds: NetworkBounds) -> ForegroundCensus:
-    """The tiles, cells and input pixels ``mask`` leaves to compute (the blocks ``compute_tiles`` runs)."""
+def foreground_census(plan: TilePlan, mask: ForegroundMask | None, bounds: NetworkBounds,
+                      whole_tiles: bool = False) -> ForegroundCensus:
+    """The tiles, cells and input pixels ``mask`` leaves to compute (the blocks ``compute_tiles`` runs; whole
+    tiles with any foreground where ``whole_tiles``: a network whose other outputs are stored too)."""
     everything = plan.input_pixels()
     if mask is None:
         return ForegroundCensus([True] * plan.count, 0, everything, everything)
@@ -478,7 +502,10 @@ def foreground_census(plan: TilePlan, mask: ForegroundMask | None, bounds: Netwo
         keep = _tile_mask(tile, mask, bounds)
         computed.append(bool(keep.any()))
         masked += int(keep.size - np.count_nonzero(keep))
-        pixels += sum(_pixels(b) for b in foreground_blocks(tile, keep, plan, bounds))
+        if whole_tiles:
+            pixels += _pixels(tile) if keep.any() else 0
+        else:
+            pixels += sum(_pixels(b) for b in foreground_blocks(tile, keep, plan, bounds))
     return ForegroundCensus(computed, masked, pixels, everything)
 
 

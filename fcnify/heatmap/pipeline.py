@@ -100,6 +100,7 @@ class TileShard:
         mask: the foreground mask (None: every cell), so the worker writes NaN where the local engine does.
         store: the partial ``.scores.zarr`` folder; each tile is one chunk, so workers never share one.
         pixels: input pixels of the tiles to do, which pick the runtime as the local engine would.
+        grids: the network's other outputs (``plan.OutputGrid``), whose arrays the worker writes too.
     """
 
     path: str
@@ -107,6 +108,7 @@ class TileShard:
     mask: plan.ForegroundMask | None
     store: Path
     pixels: int
+    grids: dict = field(default_factory=dict)
 
 
 class ImageRun:
@@ -178,11 +180,17 @@ class ImageRun:
                                     mpp=tuple(view.mpp) if view.mpp else None,
                                     extra=_attrs_extra(job, tiles, self.mask, model))
         self.attrs.extra.update(geo.map_attrs(self.source, self.attrs.to_json()))
+        # A network's other outputs get arrays of their own in the score file (not for --scales maps).
+        self.grids, left_out = ({}, {}) if options.scales else plan.output_grids(job.fcn, tiles)
+        if self.grids or left_out:
+            self.attrs.extra["output_arrays"] = {name: _other_attrs(view, grid)
+                                                 for name, grid in self.grids.items()}
+            self.attrs.extra["outputs_left_out"] = left_out
         state = self.state = TileProgress(self.path, tiles.count)
         if options.scales:
             self.computed = [True]
             return
-        self.census = compute.foreground_census(tiles, self.mask, job.bounds)
+        self.census = compute.foreground_census(tiles, self.mask, job.bounds, whole_tiles=bool(self.grids))
         self.computed = self.census.computed
         state.background = sum(1 for c in self.computed if not c)
         if not any(self.computed):
@@ -194,11 +202,14 @@ class ImageRun:
                        "mean": list(model.mean), "std": list(model.std), "dtype": options.scores_dtype}
             if "reading" in self.attrs.extra:  # other bands or scaling: other values
                 run_key["reading"] = self.attrs.extra["reading"]
+            if self.grids:  # a resumed store must hold the same other outputs, laid out the same way
+                run_key["outputs"] = {name: [g.channels, list(g.map_size), list(g.chunks)]
+                                      for name, g in self.grids.items()}
             self.sink = sinks.ZarrSink(self.targets["scores"], tiles, self.attrs, run_key, options.scores_dtype,
-                                       self.resume)
+                                       self.resume, grids=self.grids)
             self.scores = self.sink.array
         else:
-            self.sink = sinks.ArraySink(len(model.labels), tiles.map_size)
+            self.sink = sinks.ArraySink(len(model.labels), tiles.map_size, self.grids)
             self.scores = self.sink.scores
         finished = getattr(self.sink, "done", set())
         self.todo = [t for t, c in zip(tiles.tiles(), self.computed, strict=True)
@@ -237,7 +248,8 @@ class ImageRun:
 
         batch = job.tiles_per_batch(self.tiles.tile(0).input_shape) if self.todo else 1
         state.pixels += compute.compute_tiles(self.view, self.tiles, network, job.bounds, self.todo, self.mask, write,
-                                              batch, labels=len(job.model.labels), done=done)
+                                              batch, labels=len(job.model.labels), done=done, grids=self.grids,
+                                              write_others=self.sink.write_others)
 
     def _todo_pixels(self) -> int:
         return sum(t.input_shape[0] * t.input_shape[1] for t in self.todo)
@@ -254,7 +266,7 @@ class ImageRun:
         if not isinstance(self.sink, sinks.ZarrSink):
             raise InternalError(f"{self.path}: only an image with a zarr store can be shared out tile by tile",
                                 hint="please report this")
-        return TileShard(self.path, self.tiles, self.mask, self.sink.folder, self._todo_pixels())
+        return TileShard(self.path, self.tiles, self.mask, self.sink.folder, self._todo_pixels(), self.grids)
 
     def tile_finished(self, index: int, peaks: compute.PeakTracker, runtime: str | None = None) -> None:
         """A worker wrote tile ``index`` into the store: record it (the resume log) and merge its peaks."""
@@ -302,7 +314,7 @@ class ImageRun:
                                                options.scores_levels), targets["scores"])
             else:
                 tmp = staged.path(targets["scores"])
-                sinks.write_npz(tmp, scores, self.attrs, summary)
+                sinks.write_npz(tmp, scores, self.attrs, summary, others=getattr(self.sink, "others", None))
             written = staged.commit()
         except OSError as exc:
             raise OutputError(f"cannot write the outputs of {self.stem}: {exc.strerror or exc}",
@@ -351,7 +363,7 @@ def compute_shard(shard: TileShard, indices: Sequence[int], job: ImageJob, view)
     Returns:
         ``[(index, PeakTracker of the tile)]`` in the order the tiles were written, and the runtime used.
     """
-    store = sinks.TileWriter(shard.store)
+    store = sinks.TileWriter(shard.store, shard.grids)
     network = job.runner(shard.pixels)
     labels = len(job.model.labels)
     finished: list[tuple[int, compute.PeakTracker]] = []
@@ -364,7 +376,8 @@ def compute_shard(shard: TileShard, indices: Sequence[int], job: ImageJob, view)
 
     tiles = [shard.plan.tile(i) for i in indices]
     batch = job.tiles_per_batch(tiles[0].input_shape) if tiles else 1
-    compute.compute_tiles(view, shard.plan, network, job.bounds, tiles, shard.mask, write, batch, labels=labels)
+    compute.compute_tiles(view, shard.plan, network, job.bounds, tiles, shard.mask, write, batch, labels=labels,
+                          grids=shard.grids, write_others=store.write_others)
     return finished, network.runtime
 
 
@@ -375,6 +388,13 @@ def _attrs_extra(job: ImageJob, tiles, mask, model: ModelInfo) -> dict:
             "output": job.output, "output_names": list(job.output_names),
             "foreground": None if mask is None else {"kind": mask.kind, "background": list(mask.background),
                                                      "fraction": round(mask.fraction, 6)}}
+
+
+def _other_attrs(view, grid) -> dict:
+    """The attributes of another output's array: its name, channels and geometry in level-0 pixels."""
+    return {"output": grid.name, "array": sinks.other_array(grid.name), "values": "raw",
+            "labels": [str(k) for k in range(grid.channels)], "map_size": list(grid.map_size),
+            **MapGeometry.of(grid.geometry).at_downsample(view.downsample).to_json()}
 
 
 def _multiscale(view, job: ImageJob, tiles, mask, attrs):

@@ -42,14 +42,14 @@ from PIL import Image, ImageFilter
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from fcnify.errors import InputError
+from fcnify.errors import InputError, InternalError
 from fcnify.heatmap.sources import read_thumbnail
 from fcnify.introspect import placement
 
 __all__ = [
     "DISTANCE", "FLAT_FRACTION", "FOREGROUND_MODES", "MASK_MIN_SIDE", "SATURATION", "AxisTile", "ForegroundMask",
-    "NetworkBounds", "Tile", "TilePlan", "bounds_of", "cells_for_tile_size", "estimate_foreground", "map_size",
-    "plan_tiles", "resolve_foreground", "tile_span"
+    "NetworkBounds", "OutputGrid", "Tile", "TilePlan", "bounds_of", "cells_for_tile_size", "estimate_foreground",
+    "map_size", "output_grids", "plan_tiles", "resolve_foreground", "tile_span"
 ]
 
 _logger = logging.getLogger(__name__)
@@ -171,6 +171,8 @@ class TilePlan:
         cells: cells per tile per axis (the zarr chunk size).
         rows, cols: the axis spans; the tiles are their product, row-major.
         stride: the network's stride (tile starts are multiples of it).
+        min_input: the smallest input a tile may have per axis (the largest window of the network's outputs:
+            the whole network runs on each tile, its other heads too).
     """
 
     image_size: tuple[int, int]
@@ -180,6 +182,7 @@ class TilePlan:
     rows: tuple[AxisTile, ...]
     cols: tuple[AxisTile, ...]
     stride: tuple[int, int]
+    min_input: tuple[int, int] = (0, 0)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -206,17 +209,41 @@ class TilePlan:
         return sum(r.stop - r.start for r in self.rows) * sum(c.stop - c.start for c in self.cols)
 
 
-def tile_span(first: int, last: int, cells: int, canvas: int, stride: int, lo: int, hi: int) -> AxisTile:
-    """One axis of a tile holding cells ``[first, last)`` of a map of ``cells`` over an input of ``canvas`` px."""
+def tile_span(first: int, last: int, cells: int, canvas: int, stride: int, lo: int, hi: int,
+              min_input: int = 0) -> AxisTile:
+    """One axis of a tile holding cells ``[first, last)`` of a map of ``cells`` over an input of ``canvas`` px
+    (at least ``min_input`` px where the canvas allows: earlier starts, still on the stride, keep the cells)."""
     # Start on a multiple of the stride so that every layer's grid in the tile is the image's, shifted.
     start = max(0, first * stride + (lo // stride) * stride)
     stop = canvas if last == cells else min(canvas, (last - 1) * stride + hi)
+    if stop - start < min_input:
+        start = max(0, ((stop - min_input) // stride) * stride)
     return AxisTile(first, last, start, stop)
 
 
-def _plan_axis(cells: int, canvas: int, stride: int, lo: int, hi: int, per_tile: int) -> tuple[AxisTile, ...]:
-    return tuple(tile_span(first, min(first + per_tile, cells), cells, canvas, stride, lo, hi)
+def _plan_axis(cells: int, canvas: int, stride: int, lo: int, hi: int, per_tile: int,
+               min_input: int = 0) -> tuple[AxisTile, ...]:
+    return tuple(tile_span(first, min(first + per_tile, cells), cells, canvas, stride, lo, hi, min_input)
                  for first in range(0, cells, per_tile))
+
+
+def _all_outputs(fcn: nn.Module, geometry, bounds: NetworkBounds) -> tuple[list[int], list[int], list[int]]:
+    """(lo, hi, min_input) per axis widened for a network's other outputs: a tile's input then holds the
+    receptive fields of the cells it owns of each output whose stride divides the selected one's
+    (``output_grids``), and is never smaller than any output's window."""
+    lo, hi = list(bounds.lo), list(bounds.hi)
+    windows = [int(w) for w in geometry.window]
+    selected = getattr(fcn, "selected", None)
+    for name, other in (getattr(fcn, "geometries", None) or {}).items():
+        if other is None or name == selected:
+            continue
+        theirs = bounds_of(other)
+        for a in range(2):
+            windows[a] = max(windows[a], theirs.window[a])
+            if theirs.tileable and bounds.stride[a] % theirs.stride[a] == 0:
+                lo[a] = min(lo[a], theirs.lo[a])
+                hi[a] = max(hi[a], bounds.stride[a] - theirs.stride[a] + theirs.hi[a])
+    return lo, hi, windows
 
 
 def cells_for_tile_size(bounds: NetworkBounds, tile: tuple[int, int]) -> tuple[int, int]:
@@ -246,7 +273,8 @@ def plan_tiles(fcn: nn.Module, geometry, in_chans: int, image_size: tuple[int, i
         InputError: the network cannot be tiled exactly and the image needs more than one tile.
     """
     bounds = bounds_of(geometry)
-    canvas = tuple(max(int(image_size[a]), int(geometry.window[a])) for a in range(2))
+    lo, hi, windows = _all_outputs(fcn, geometry, bounds)
+    canvas = tuple(max(int(image_size[a]), windows[a]) for a in range(2))
     size = map_size(fcn, geometry, in_chans, canvas)
     if min(size) < 1:
         raise InputError(f"the network gives an empty map for a {canvas[0]}x{canvas[1]} image",
@@ -257,9 +285,125 @@ def plan_tiles(fcn: nn.Module, geometry, in_chans: int, image_size: tuple[int, i
                          f"on the whole image, and a {image_size[0]}x{image_size[1]} image needs several tiles",
                          hint="choose a coarser level (--level N or --mpp X) or --scale below 1 so that the image "
                          "fits one tile (--max-memory SIZE), or use a model without global context")
-    rows = _plan_axis(size[0], canvas[0], bounds.stride[0], bounds.lo[0], bounds.hi[0], per_tile[0])
-    cols = _plan_axis(size[1], canvas[1], bounds.stride[1], bounds.lo[1], bounds.hi[1], per_tile[1])
-    return TilePlan(tuple(int(v) for v in image_size), canvas, tuple(size), per_tile, rows, cols, bounds.stride)
+    rows = _plan_axis(size[0], canvas[0], bounds.stride[0], lo[0], hi[0], per_tile[0], windows[0])
+    cols = _plan_axis(size[1], canvas[1], bounds.stride[1], lo[1], hi[1], per_tile[1], windows[1])
+    return TilePlan(tuple(int(v) for v in image_size), canvas, tuple(size), per_tile, rows, cols, bounds.stride,
+                    tuple(windows))
+
+
+# ------------------------------------------------------------------------------------------ other outputs
+
+
+@dataclass(frozen=True)
+class OutputGrid:
+    """Where the cells of one *other* output of a multi-output network come from in a tile plan.
+
+    Each tile of the plan (laid out for the selected output) also gives this output's cells ``[first, last)``
+    per axis: blocks of ``chunks`` cells (the zarr chunks of its array), the last block of an axis running to
+    the map's end. Every such cell's receptive field lies inside its tile's input (or meets the image's edge
+    where the tile does), and tiles start on multiples of this output's stride, so the cells equal one pass.
+
+    Attributes:
+        name: the output's name; channels: its channel count.
+        geometry: its geometry (network input pixels).
+        map_size: its one-pass map's (h, w); chunks: cells per tile block (h, w).
+        rows, cols: per tile row / column, the cells ``(first, last)`` it owns.
+    """
+
+    name: str
+    channels: int
+    geometry: object
+    map_size: tuple[int, int]
+    chunks: tuple[int, int]
+    rows: tuple[tuple[int, int], ...]
+    cols: tuple[tuple[int, int], ...]
+
+    def cells(self, tile: Tile) -> tuple[tuple[int, int], tuple[int, int]]:
+        """The (rows, cols) cell ranges of this output that ``tile`` owns."""
+        return self.rows[tile.row], self.cols[tile.col]
+
+    def kept(self, tile: Tile, output: torch.Tensor) -> torch.Tensor:
+        """The cells ``tile`` owns out of its K×h×w map of this output."""
+        (r0, r1), (c0, c1) = self.cells(tile)
+        top = r0 - tile.rows.start // int(self.geometry.stride[0])
+        left = c0 - tile.cols.start // int(self.geometry.stride[1])
+        if top < 0 or left < 0 or output.shape[-2] < top + r1 - r0 or output.shape[-1] < left + c1 - c0:
+            raise InternalError(f"output {self.name}: a tile of {tile.input_shape[0]}x{tile.input_shape[1]} px gave "
+                                f"a {output.shape[-2]}x{output.shape[-1]} map, which lacks its cells",
+                                hint="please report this model: its geometry does not match its output")
+        return output[..., top:top + r1 - r0, left:left + c1 - c0]
+
+
+def output_grids(fcn: nn.Module, tiles: TilePlan) -> tuple[dict[str, OutputGrid], dict[str, str]]:
+    """The grids of a network's outputs other than the selected one on ``tiles``, and why others are left out.
+
+    A single-output network gives ``({}, {})``. An output is left out (name → reason) when its geometry is
+    unknown, its map is empty, or, on a plan of several tiles, its cells cannot be cut along the tiles exactly
+    (its stride does not divide the selected output's, a cell's receptive field crosses its tile's edge, or it
+    has global context): one-tile plans always give its one-pass map.
+    """
+    names = tuple(getattr(fcn, "output_names", ()) or ())
+    if len(names) < 2:
+        return {}, {}
+    grids: dict[str, OutputGrid] = {}
+    skipped: dict[str, str] = {}
+    for name in names:
+        if name == fcn.selected:
+            continue
+        geometry = (getattr(fcn, "geometries", None) or {}).get(name)
+        if geometry is None:
+            skipped[name] = "its geometry is unknown"
+            continue
+        sizer = geometry.map_size if getattr(geometry, "size_steps", None) is not None else geometry.valid_map_size
+        size = tuple(int(v) for v in sizer(*tiles.canvas))
+        if min(size) < 1:
+            skipped[name] = "its map is empty for this image"
+            continue
+        if tiles.count == 1:
+            grids[name] = OutputGrid(name, int(fcn.channels[name]), geometry, size, size, ((0, size[0]),),
+                                     ((0, size[1]),))
+            continue
+        bounds = bounds_of(geometry)
+        if not bounds.tileable:
+            skipped[name] = f"it cannot be computed tile by tile: {bounds.why_not}"
+            continue
+        if any(tiles.stride[a] % bounds.stride[a] for a in range(2)):
+            skipped[name] = (f"its stride {bounds.stride[0]}x{bounds.stride[1]} does not divide the selected output's "
+                             f"{tiles.stride[0]}x{tiles.stride[1]}, so its cells cannot follow the tiles (compute the "
+                             "image in one tile with --tile larger than the image, or select it with --output)")
+            continue
+        axes = [_output_axis(spans, tiles.cells[a], tiles.stride[a], bounds, a, size[a], tiles.canvas[a])
+                for a, spans in enumerate((tiles.rows, tiles.cols))]
+        if None in axes:
+            skipped[name] = "its receptive field crosses the tiles of the selected output"
+            continue
+        (chunk_r, rows), (chunk_c, cols) = axes
+        grids[name] = OutputGrid(name, int(fcn.channels[name]), geometry, size, (chunk_r, chunk_c), rows, cols)
+    for name, why in skipped.items():
+        _logger.warning("output %s is left out of the score file: %s", name, why)
+    return grids, skipped
+
+
+def _output_axis(spans: tuple[AxisTile, ...], cells: int, stride: int, bounds: NetworkBounds, axis: int,
+                 size: int, canvas: int) -> tuple[int, tuple[tuple[int, int], ...]] | None:
+    """(cells per block, per tile (first, last)) of another output along one axis, or None where not exact."""
+    step = bounds.stride[axis]
+    if stride % step:
+        return None
+    chunk = cells * (stride // step)
+    owned = []
+    for t, span in enumerate(spans):
+        first = min(size, t * chunk)
+        last = size if t == len(spans) - 1 else min(size, (t + 1) * chunk)
+        if span.start % step:
+            return None
+        for q in ((first, last - 1) if last > first else ()):
+            inside_lo = q * step + bounds.lo[axis] >= span.start or span.start == 0
+            inside_hi = q * step + bounds.hi[axis] <= span.stop or span.stop == canvas
+            if not (inside_lo and inside_hi):
+                return None
+        owned.append((first, last))
+    return chunk, tuple(owned)
 
 
 # -------------------------------------------------------------------------------------------- foreground

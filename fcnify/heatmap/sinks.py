@@ -11,6 +11,12 @@ its target with a ``fcnify-done.log`` listing finished tiles, one line each, app
 is written: a run killed at any moment (``kill -9`` included) leaves a store whose log names only complete
 tiles, and ``--resume`` computes the rest. ``Staged`` renames it into place together with the image's other
 files; a finished store is replaced only by another finished one.
+
+A network with several outputs: ``scores`` is the selected output's map (``--output``) and every other output
+gets an array of its own beside it, ``output.<name>`` (npz key; zarr array in the same group), holding that
+output's raw values (its channels as the network gives them, not softmaxed), NaN where not computed, on its own
+grid: the group attribute ``output_arrays`` (also in the npz ``attributes``) gives each one's ``array``,
+``labels``, ``stride``, ``offset``, ``window`` and ``map_size``, and each zarr array carries its own.
 """
 
 from __future__ import annotations
@@ -34,13 +40,20 @@ from fcnify.heatmap.outputs import PARTIAL_SUFFIX
 from fcnify.heatmap.plan import Tile, TilePlan
 from fcnify.heatmap.viewers import ngff_attrs, write_ngff_levels
 
-__all__ = ["ArraySink", "SCORE_DTYPES", "Staged", "TileWriter", "ZarrSink", "open_scores",
-           "partial_path", "read_store_attrs", "write_npz"]
+__all__ = ["ArraySink", "OTHER_PREFIX", "SCORE_DTYPES", "Staged", "TileWriter", "ZarrSink", "open_scores",
+           "other_array", "partial_path", "read_store_attrs", "write_npz"]
 
 _logger = logging.getLogger(__name__)
 
 SCORE_DTYPES = ("float32", "float16")
 DONE_LOG = "fcnify-done.log"
+#: The array of another output of a multi-output network: ``output.<name>``.
+OTHER_PREFIX = "output."
+
+
+def other_array(name: str) -> str:
+    """The score files' array name for the (not selected) output ``name``."""
+    return f"{OTHER_PREFIX}{name}"
 
 
 
@@ -153,21 +166,31 @@ class MapAttrs:
 class ArraySink:
     """The whole map in memory (small images: the rule in ``outputs.choose_scores_format``)."""
 
-    def __init__(self, classes: int, map_size: tuple[int, int]):
+    def __init__(self, classes: int, map_size: tuple[int, int], grids: dict | None = None):
         self.scores = np.full((classes, *map_size), np.nan, dtype=np.float32)
+        self.grids = grids or {}
+        self.others = {name: np.full((g.channels, *g.map_size), np.nan, dtype=np.float32)
+                       for name, g in self.grids.items()}
 
     def write(self, tile: Tile, scores: np.ndarray) -> None:
         self.scores[:, tile.rows.first:tile.rows.last, tile.cols.first:tile.cols.last] = scores
+
+    def write_others(self, tile: Tile, blocks: dict[str, np.ndarray]) -> None:
+        """The tile's cells of the other outputs (``plan.OutputGrid``)."""
+        for name, block in blocks.items():
+            (r0, r1), (c0, c1) = self.grids[name].cells(tile)
+            self.others[name][:, r0:r1, c0:c1] = block
 
     def close(self) -> None:
         """Nothing to release: the map is written whole by ``write_npz``."""
 
 
-def write_npz(path: Path, scores: np.ndarray, attrs: MapAttrs, summary: dict | None = None) -> None:
+def write_npz(path: Path, scores: np.ndarray, attrs: MapAttrs, summary: dict | None = None,
+              others: dict[str, np.ndarray] | None = None) -> None:
     """``scores`` (probabilities) and ``logits`` (their logarithms; NaN where not computed), the labels, the
     geometry and the image's size, level and resolution, compressed; ``attributes`` holds every attribute
     the zarr store has (receptive field, exactness, preprocessing, foreground) and ``summary`` the tile
-    counts and peaks, both as JSON text."""
+    counts and peaks, both as JSON text. ``others``: the other outputs' maps by name, as ``output.<name>``."""
     with np.errstate(divide="ignore", invalid="ignore"):
         logits = np.log(np.maximum(scores, np.float32(1e-30)))
     # Plain values also get a key of their own; None and nested ones live only in the JSON ``attributes``
@@ -187,6 +210,7 @@ def write_npz(path: Path, scores: np.ndarray, attrs: MapAttrs, summary: dict | N
             mpp=np.asarray(attrs.mpp if attrs.mpp else (np.nan, np.nan), dtype=np.float64),
             **attrs.geometry.arrays(), **extra, attributes=np.asarray(json.dumps(attrs.to_json(), default=str)),
             summary=np.asarray(json.dumps(summary or {}, default=str)),
+            **{other_array(name): np.asarray(values, np.float32) for name, values in (others or {}).items()},
         )
 
 
@@ -208,8 +232,9 @@ class ZarrSink:
     """
 
     def __init__(self, target: Path, plan: TilePlan, attrs: MapAttrs, run_key: dict, dtype: str = "float32",
-                 resume: bool = False):
+                 resume: bool = False, grids: dict | None = None):
         self.target, self.plan = Path(target), plan
+        self.grids = grids or {}
         self.folder = partial_path(self.target)
         self.done: set[int] = set()
         key = json.loads(json.dumps(run_key, default=str))
@@ -227,8 +252,16 @@ class ZarrSink:
                 "scores", shape=(len(attrs.labels), *plan.map_size), chunks=(len(attrs.labels), *plan.cells),
                 dtype=dtype, fill_value=np.nan, dimension_names=("class", "y", "x"),
                 compressors=zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"))
+            described = attrs.extra.get("output_arrays") or {}
+            for name, grid in self.grids.items():  # the other outputs: chunks are the tiles' blocks of each
+                array = group.create_array(
+                    other_array(name), shape=(grid.channels, *grid.map_size), chunks=(grid.channels, *grid.chunks),
+                    dtype=dtype, fill_value=np.nan, dimension_names=("channel", "y", "x"),
+                    compressors=zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"))
+                array.attrs.update(described.get(name, {}))
         self.group = zarr.open_group(str(self.folder), mode="r+")
         self.array = self.group["scores"]
+        self.others = {name: self.group[other_array(name)] for name in self.grids}
         self._log = open(self.folder / DONE_LOG, "a")
 
     def _resumable(self, key: dict) -> set[int]:
@@ -237,6 +270,11 @@ class ZarrSink:
             if group.attrs.get("run") != key:
                 _logger.info("%s: the partial store is from another run; starting afresh", self.folder)
                 return set()
+            for name, grid in self.grids.items():  # every other output's array, as this run lays it out
+                array = group[other_array(name)]
+                if tuple(array.shape) != (grid.channels, *grid.map_size) or tuple(array.chunks[1:]) != grid.chunks:
+                    _logger.info("%s: output %s's array does not match; starting afresh", self.folder, name)
+                    return set()
             lines = (self.folder / DONE_LOG).read_text().split("\n")
         except Exception as exc:  # unreadable or foreign: start afresh rather than trust it
             _logger.info("%s: cannot resume (%s); starting afresh", self.folder, exc)
@@ -250,6 +288,10 @@ class ZarrSink:
 
     def write(self, tile: Tile, scores: np.ndarray) -> None:
         write_tile(self.array, tile, scores)
+
+    def write_others(self, tile: Tile, blocks: dict[str, np.ndarray]) -> None:
+        """The tile's cells of the other outputs, into their arrays (before ``mark_done``)."""
+        write_other_tiles(self.others, self.grids, tile, blocks)
 
     def mark_done(self, tile: Tile) -> None:
         """Record ``tile`` as finished (after its chunk is written)."""
@@ -284,13 +326,27 @@ def write_tile(array, tile: Tile, scores: np.ndarray) -> None:
     array[:, tile.rows.first:tile.rows.last, tile.cols.first:tile.cols.last] = scores.astype(array.dtype, copy=False)
 
 
+def write_other_tiles(arrays: dict, grids: dict, tile: Tile, blocks: dict[str, np.ndarray]) -> None:
+    """Write a tile's blocks of the other outputs into their arrays (each at its own grid's cells)."""
+    for name, block in blocks.items():
+        (r0, r1), (c0, c1) = grids[name].cells(tile)
+        arrays[name][:, r0:r1, c0:c1] = block.astype(arrays[name].dtype, copy=False)
+
+
 class TileWriter:
     """A worker's handle on a partial store made by ``ZarrSink``: it writes tiles' chunks and nothing else (the
-    process that owns the store records finished tiles, once the worker has reported them)."""
+    process that owns the store records finished tiles, once the worker has reported them).
 
-    def __init__(self, folder: Path):
+    Args:
+        grids: the other outputs' grids (``plan.OutputGrid``), whose arrays it writes too.
+    """
+
+    def __init__(self, folder: Path, grids: dict | None = None):
+        self.grids = grids or {}
         try:
             self.array = zarr.open_array(str(Path(folder) / "scores"), mode="r+", zarr_format=3)
+            self.others = {name: zarr.open_array(str(Path(folder) / other_array(name)), mode="r+", zarr_format=3)
+                           for name in self.grids}
         except Exception as exc:
             raise OutputError(f"cannot open the score store {folder} to write tiles: {exc}",
                               hint="workers must see the output folder at the same path as the driver "
@@ -298,6 +354,9 @@ class TileWriter:
 
     def write(self, tile: Tile, scores: np.ndarray) -> None:
         write_tile(self.array, tile, scores)
+
+    def write_others(self, tile: Tile, blocks: dict[str, np.ndarray]) -> None:
+        write_other_tiles(self.others, self.grids, tile, blocks)
 
 
 def read_store_attrs(path: Path) -> dict | None:
@@ -315,7 +374,8 @@ def open_scores(path: str | os.PathLike):
     path = Path(path)
     if path.suffix == ".npz":
         with np.load(path, allow_pickle=False) as data:
-            attrs = {name: data[name].tolist() for name in data.files if name not in ("scores", "logits")}
+            attrs = {name: data[name].tolist() for name in data.files
+                     if name not in ("scores", "logits") and not name.startswith(OTHER_PREFIX)}
             return data["scores"], attrs
     group = zarr.open_group(str(path), mode="r")
     return group["scores"], dict(group.attrs)
