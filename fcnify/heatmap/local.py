@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable, Sequence
 
 from fcnify.heatmap.job import ImageJob
-from fcnify.heatmap.pipeline import run_image, TileProgress
+from fcnify.heatmap.pipeline import TileProgress, run_image
 from fcnify.heatmap.summary import SummaryRow
 
 __all__ = ["readable_path", "run_paths"]

@@ -60,7 +60,7 @@ class HeatmapOptions:
         scores_dtype: "float32" or "float16" (zarr).
         preview_size: the longest side of the previews.
         runtime: "auto", "torch" or "onnxruntime".
-        formats: what to write (``viewers.FORMATS``): "png" (heatmaps and class panels), "scores" (always: the
+        formats: what to write (``outputs.FORMATS``): "png" (heatmaps and class panels), "scores" (always: the
             map the other outputs and ``--resume`` read), "geojson" (QuPath annotations), "ome-tiff" (a pyramidal
             overlay per drawn class); a tuple or a comma list.
         min_score: GeoJSON regions keep only cells whose top probability is at least this (None: all).

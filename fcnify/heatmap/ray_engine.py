@@ -37,7 +37,7 @@ from fcnify.heatmap.geo import open_source
 from fcnify.heatmap.job import ImageJob, ModelInfo, resolve_classes
 from fcnify.heatmap.local import readable_path, run_paths
 from fcnify.heatmap.options import HeatmapOptions
-from fcnify.heatmap.pipeline import compute_shard, ImageRun, TileShard
+from fcnify.heatmap.pipeline import ImageRun, TileShard, compute_shard
 from fcnify.heatmap.sources import open_view
 from fcnify.heatmap.summary import (
     SUMMARY_NAME,
