@@ -259,9 +259,19 @@ def synthetic_scene(in_chans: int, size: tuple[int, int], seed: int = 0) -> torc
 
 
 def _normalised_synthetic_scene(in_chans: int, size: tuple[int, int], mean, std, seed: int) -> torch.Tensor:
-    mean_t = torch.as_tensor(mean if mean is not None else (_NEUTRAL_MEAN,) * in_chans, dtype=torch.float64)
-    std_t = torch.as_tensor(std if std is not None else (_NEUTRAL_STD,) * in_chans, dtype=torch.float64)
+    mean_t, std_t = _per_channel(mean, in_chans, _NEUTRAL_MEAN), _per_channel(std, in_chans, _NEUTRAL_STD)
     return (synthetic_scene(in_chans, size, seed) - mean_t[:, None, None]) / std_t[:, None, None]
+
+
+def _per_channel(values, in_chans: int, neutral: float) -> torch.Tensor:
+    """One value per input channel: the model's (one value repeated), or a neutral one where the model's does not
+    fit its channels (a hidden-layer input that ``--in-chans`` names, say)."""
+    values = tuple(values) if values is not None else ()
+    if len(values) == 1:
+        values = values * in_chans
+    if len(values) != in_chans:
+        values = (neutral,) * in_chans
+    return torch.as_tensor(values, dtype=torch.float64)
 
 
 @torch.no_grad()
