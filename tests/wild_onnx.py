@@ -36,6 +36,13 @@ def _model(nodes, inputs, outputs, initializers, opset: int) -> bytes:
     return model.SerializeToString()
 
 
+def _classifier(nodes, input_shape: list, initializers, opset: int) -> bytes:
+    """A one-input classifier graph: float input ``x`` of ``input_shape``, output ``logits`` (batch × CLASSES)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, input_shape)
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", CLASSES])
+    return _model(nodes, [x], [y], initializers, opset)
+
+
 def _bn(prefix: str, channels: int, rng: np.random.Generator) -> list[onnx.TensorProto]:
     return [numpy_helper.from_array(rng.uniform(0.5, 1.5, channels).astype(np.float32), f"{prefix}_g"),
             numpy_helper.from_array(rng.uniform(-0.5, 0.5, channels).astype(np.float32), f"{prefix}_b"),
@@ -70,9 +77,7 @@ def paddle_style(opset: int = 11) -> bytes:
              _init("w2", (6, 8, 3, 3), rng), _init("shift", (1, 6, 1, 1), rng),
              _ints("zero", [0]), _ints("one", [1]), _ints("minus_one", [-1]),
              _init("fc_w", (6 * 3 * 3, CLASSES), rng), _init("fc_b", (CLASSES,), rng)]
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 20, 20])
-    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", CLASSES])
-    return _model(nodes, [x], [y], inits, opset)
+    return _classifier(nodes, ["batch", 3, 20, 20], inits, opset)
 
 
 def tf_nhwc_input(opset: int = 13) -> bytes:
@@ -134,9 +139,7 @@ def se_reduce_mean(opset: int = 13) -> bytes:
              _init("w2", (12, 8, 3, 3), rng), _init("fc_w_raw", (CLASSES, 12), rng), _init("fc_b", (CLASSES,), rng)]
     if axes_in_input:
         inits.append(_ints("axes", [2, 3]))
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, "height", "width"])
-    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", CLASSES])
-    return _model(nodes, [x], [y], inits, opset)
+    return _classifier(nodes, ["batch", 3, "height", "width"], inits, opset)
 
 
 def ceil_pools(opset: int = 9) -> bytes:
@@ -160,9 +163,7 @@ def ceil_pools(opset: int = 9) -> bytes:
              _init("b2", (5,), rng), _init("fc_w", (CLASSES, 5 * 3 * 3), rng), _init("fc_b", (CLASSES,), rng)]
     if opset >= 11:
         inits += [numpy_helper.from_array(np.float32(0.0), "lo"), numpy_helper.from_array(np.float32(4.0), "hi")]
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 18, 18])
-    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", CLASSES])
-    return _model(nodes, [x], [y], inits, opset)
+    return _classifier(nodes, ["batch", 3, 18, 18], inits, opset)
 
 
 def lstm_head() -> bytes:
@@ -194,9 +195,7 @@ def position_mixing_head() -> bytes:
         helper.make_node("Gemm", ["flat2", "fc_w"], ["logits"], transB=1, name="fc"),
     ]
     inits = [_init("w1", (4, 3, 3, 3), rng), _ints("rows", [-1, 4, 36]), _init("fc_w", (CLASSES, 144), rng)]
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8, 8])
-    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", CLASSES])
-    return _model(nodes, [x], [y], inits, 13)
+    return _classifier(nodes, ["batch", 3, 8, 8], inits, 13)
 
 
 class KerasPort(nn.Module):
@@ -270,9 +269,7 @@ def tf_same_padding(opset: int = 13) -> bytes:
         helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], transB=1, name="fc"),
     ]
     inits = [_init("w1", (4, 3, 3, 3), rng), _init("fc_w", (CLASSES, 4 * 4 * 4), rng), _init("fc_b", (CLASSES,), rng)]
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 16, 16])
-    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", CLASSES])
-    return _model(nodes, [x], [y], inits, opset)
+    return _classifier(nodes, ["batch", 3, 16, 16], inits, opset)
 
 
 def nhwc_preprocessing() -> bytes:
@@ -286,6 +283,4 @@ def nhwc_preprocessing() -> bytes:
         helper.make_node("Flatten", ["pooled"], ["logits"], axis=1, name="flatten"),
     ]
     inits = [numpy_helper.from_array(np.full(3, 1 / 255, np.float32), "rescale"), _init("w1", (CLASSES, 3, 3, 3), rng)]
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 12, 12, 3])
-    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", CLASSES])
-    return _model(nodes, [x], [y], inits, 13)
+    return _classifier(nodes, ["batch", 12, 12, 3], inits, 13)
